@@ -375,20 +375,48 @@ mod tests {
     #[test]
     fn errors_are_typed() {
         assert_eq!(decode(""), Err(DecodeError::Empty));
-        assert_eq!(decode(r#"{"from":"a"}"#), Err(DecodeError::Missing(Field::Type)));
+        assert_eq!(
+            decode(r#"{"from":"a"}"#),
+            Err(DecodeError::Missing(Field::Type))
+        );
         assert_eq!(decode(r#"[1,2]"#), Err(DecodeError::NotAnObject));
         assert_eq!(decode(r#""x""#), Err(DecodeError::NotAnObject));
         assert_eq!(decode(r#"{"type":2"#), Err(DecodeError::InvalidJson));
-        assert_eq!(decode(r#"{"type":"two"}"#), Err(DecodeError::WrongType(Field::Type)));
-        assert_eq!(decode(r#"{"type":4294967296}"#), Err(DecodeError::WrongType(Field::Type)));
-        assert_eq!(decode(r#"{"type":1.5}"#), Err(DecodeError::WrongType(Field::Type)));
-        assert_eq!(decode(r#"{"type":2,"QoS":1}"#), Err(DecodeError::WrongType(Field::Qos)));
-        assert_eq!(decode(r#"{"type":2,"to":{}}"#), Err(DecodeError::WrongType(Field::To)));
-        assert_eq!(decode(r#"{"type":2,"to":1.5}"#), Err(DecodeError::WrongType(Field::To)));
+        assert_eq!(
+            decode(r#"{"type":"two"}"#),
+            Err(DecodeError::WrongType(Field::Type))
+        );
+        assert_eq!(
+            decode(r#"{"type":4294967296}"#),
+            Err(DecodeError::WrongType(Field::Type))
+        );
+        assert_eq!(
+            decode(r#"{"type":1.5}"#),
+            Err(DecodeError::WrongType(Field::Type))
+        );
+        assert_eq!(
+            decode(r#"{"type":2,"QoS":1}"#),
+            Err(DecodeError::WrongType(Field::Qos))
+        );
+        assert_eq!(
+            decode(r#"{"type":2,"to":{}}"#),
+            Err(DecodeError::WrongType(Field::To))
+        );
+        assert_eq!(
+            decode(r#"{"type":2,"to":1.5}"#),
+            Err(DecodeError::WrongType(Field::To))
+        );
         let mut bad = br#"{"type":2,"to":"\xff"}"#.to_vec();
         bad.splice(16..20, [0xff]);
-        assert_eq!(Decoder::new().decode(&mut bad).err(), Some(DecodeError::InvalidUtf8));
-        let bomb = format!("{{\"type\":2,\"x\":{}{}}}", "[".repeat(20_000), "]".repeat(20_000));
+        assert_eq!(
+            Decoder::new().decode(&mut bad).err(),
+            Some(DecodeError::InvalidUtf8)
+        );
+        let bomb = format!(
+            "{{\"type\":2,\"x\":{}{}}}",
+            "[".repeat(20_000),
+            "]".repeat(20_000)
+        );
         assert_eq!(decode(&bomb), Err(DecodeError::TooDeep));
     }
 

@@ -208,8 +208,16 @@ mod tests {
             r#"{"bridge":false,"type":50,"dataContent":"{\"code\":0,\"firstLoginTime\":1795769352595}","from":"0","to":"bob","QoS":false,"typeu":-1,"sm":-1}"#
         );
         let refused = Message::login_response(UserId::new("bob"), LoginResponse::refused(1025));
-        assert!(json(&refused).contains(r#""dataContent":"{\"code\":1025,\"firstLoginTime\":-1}","from":"0","to":"-1""#));
-        let kick = Message::kickout(UserId::new("a"), Kickout { code: 1, reason: None });
+        assert!(json(&refused).contains(
+            r#""dataContent":"{\"code\":1025,\"firstLoginTime\":-1}","from":"0","to":"-1""#
+        ));
+        let kick = Message::kickout(
+            UserId::new("a"),
+            Kickout {
+                code: 1,
+                reason: None,
+            },
+        );
         assert!(json(&kick).contains(r#""dataContent":"{\"code\":1}""#));
     }
 
@@ -231,8 +239,16 @@ mod tests {
         let mut msg = Message::data(UserId::new("a"), UserId::new("b"), "x", None);
         msg.from = None;
         msg.content = None;
-        assert_eq!(json(&msg), r#"{"bridge":false,"type":2,"to":"b","QoS":false,"typeu":-1,"sm":-1}"#);
-        let qos = Message::data(UserId::new("a"), UserId::new("b"), "x", Some(Fingerprint::new("f")));
+        assert_eq!(
+            json(&msg),
+            r#"{"bridge":false,"type":2,"to":"b","QoS":false,"typeu":-1,"sm":-1}"#
+        );
+        let qos = Message::data(
+            UserId::new("a"),
+            UserId::new("b"),
+            "x",
+            Some(Fingerprint::new("f")),
+        );
         assert!(json(&qos).contains(r#""fp":"f","QoS":true"#));
     }
 }
