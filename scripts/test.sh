@@ -32,6 +32,8 @@ cargo clippy --all-targets --locked -- -D warnings
 # The fuzz targets are outside default-members; make sure they still build cleanly.
 cargo clippy -p imedge-fuzz --locked -- -D warnings
 
+log "doc tests"
+cargo test --doc --locked
+
 log "tests"
 cargo nextest run --profile ci --locked "$@"
-cargo test --doc --locked

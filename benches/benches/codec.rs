@@ -3,6 +3,8 @@
 //!
 //! Run: `cargo bench -p imedge-benches --bench codec`
 
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // bench code on fixed, known-good input
+
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use imedge_protocol::codec::PADDING;

@@ -1,4 +1,4 @@
-//! Message bodies ↔ [`Message`]: decoding with simd-json in place, encoding as Gson does.
+//! Message bodies ↔ [`crate::Message`]: decoding with simd-json in place, encoding as Gson does.
 
 mod decode;
 mod encode;

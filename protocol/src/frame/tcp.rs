@@ -40,6 +40,7 @@ pub fn decode(src: &[u8], max_body: usize) -> Result<Option<usize>, TooLarge> {
             len: announced.into(),
             max: max_body,
         })?;
+    // `first_chunk` succeeded, so `src.len() >= PREFIX_LEN`: the subtraction cannot wrap.
     Ok((src.len() - PREFIX_LEN >= len).then_some(len))
 }
 
