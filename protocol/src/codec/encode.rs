@@ -28,8 +28,13 @@ impl<'b, B: BufMut> JsonWriter<'b, B> {
         }
     }
 
+    #[inline]
     fn raw(&mut self, bytes: &[u8]) {
-        escape_into(self.dst, bytes, self.depth);
+        if self.depth == 0 {
+            self.dst.put_slice(bytes);
+        } else {
+            escape_into(self.dst, bytes, self.depth);
+        }
     }
 
     fn begin_object(&mut self) {
@@ -104,24 +109,41 @@ impl<'b, B: BufMut> JsonWriter<'b, B> {
 
 impl Message<'_> {
     /// Appends the JSON of this message to `dst`, byte for byte as the reference would.
+    ///
+    /// The envelope is always at the top level, so its fixed pieces (`{"bridge":false,"type":`,
+    /// `,"from":"` …) go out as whole literals; only the strings are scanned for escaping.
     pub fn encode(&self, dst: &mut impl BufMut) {
-        let mut w = JsonWriter::new(dst);
-        w.begin_object();
-        w.key("bridge");
-        w.bool(self.bridge);
-        w.int_field("type", self.kind.code().into());
+        dst.put_slice(if self.bridge {
+            b"{\"bridge\":true,\"type\":"
+        } else {
+            b"{\"bridge\":false,\"type\":"
+        });
+        put_int(dst, self.kind.code().into());
         if let Some(content) = &self.content {
-            w.key("dataContent");
-            w.content(content);
+            dst.put_slice(b",\"dataContent\":");
+            JsonWriter::new(dst).content(content);
         }
-        w.string_field("from", self.from.as_ref().map(|u| u.as_str()));
-        w.string_field("to", self.to.as_ref().map(|u| u.as_str()));
-        w.string_field("fp", self.fp.as_ref().map(|f| f.as_str()));
-        w.key("QoS");
-        w.bool(self.qos);
-        w.int_field("typeu", self.typeu.into());
-        w.int_field("sm", self.sm);
-        w.end_object();
+        let strings = [
+            (&b",\"from\":\""[..], self.from.as_ref().map(|u| u.as_str())),
+            (b",\"to\":\"", self.to.as_ref().map(|u| u.as_str())),
+            (b",\"fp\":\"", self.fp.as_ref().map(|f| f.as_str())),
+        ];
+        for (key, value) in strings {
+            if let Some(value) = value {
+                dst.put_slice(key);
+                escape_into(dst, value.as_bytes(), 1);
+                dst.put_u8(b'"');
+            }
+        }
+        dst.put_slice(if self.qos {
+            b",\"QoS\":true,\"typeu\":"
+        } else {
+            b",\"QoS\":false,\"typeu\":"
+        });
+        put_int(dst, self.typeu.into());
+        dst.put_slice(b",\"sm\":");
+        put_int(dst, self.sm);
+        dst.put_u8(b'}');
     }
 
     /// The JSON of this message as a `Vec` (tests, diagnostics; the hot path uses [`Self::encode`]).
@@ -130,6 +152,10 @@ impl Message<'_> {
         self.encode(&mut out);
         out
     }
+}
+
+fn put_int(dst: &mut impl BufMut, value: i64) {
+    dst.put_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 macro_rules! document {

@@ -53,14 +53,15 @@ pub struct Message<'a> {
 pub enum Content<'a> {
     /// Opaque text: application payload, a fingerprint (ACK), or a document as received.
     Text(Cow<'a, str>),
-    /// A login request document (type 0).
-    Login(LoginRequest<'a>),
+    /// A login request document (type 0). Boxed, like the other rare documents, to keep every
+    /// message — most of which are data — small.
+    Login(Box<LoginRequest<'a>>),
     /// A login response document (type 50).
     LoginResponse(LoginResponse),
     /// An error document (type 52).
-    Error(ErrorResponse<'a>),
+    Error(Box<ErrorResponse<'a>>),
     /// A kickout document (type 54).
-    Kickout(Kickout<'a>),
+    Kickout(Box<Kickout<'a>>),
 }
 
 impl<'a> Content<'a> {
@@ -76,10 +77,10 @@ impl<'a> Content<'a> {
     pub fn into_owned(self) -> Content<'static> {
         match self {
             Self::Text(text) => Content::Text(Cow::Owned(text.into_owned())),
-            Self::Login(doc) => Content::Login(doc.into_owned()),
+            Self::Login(doc) => Content::Login(Box::new(doc.into_owned())),
             Self::LoginResponse(doc) => Content::LoginResponse(doc),
-            Self::Error(doc) => Content::Error(doc.into_owned()),
-            Self::Kickout(doc) => Content::Kickout(doc.into_owned()),
+            Self::Error(doc) => Content::Error(Box::new(doc.into_owned())),
+            Self::Kickout(doc) => Content::Kickout(Box::new(doc.into_owned())),
         }
     }
 }
@@ -119,7 +120,7 @@ impl<'a> Message<'a> {
         Self::new(Kind::Login)
             .from(from)
             .to(UserId::SERVER)
-            .content(Content::Login(request))
+            .content(Content::Login(Box::new(request)))
     }
 
     /// Type 1 from `uid` (SPEC §6.1).
@@ -199,7 +200,7 @@ impl<'a> Message<'a> {
     pub fn error(response: ErrorResponse<'a>) -> Self {
         Self::new(Kind::Error)
             .from(UserId::SERVER)
-            .content(Content::Error(response))
+            .content(Content::Error(Box::new(response)))
     }
 
     /// Type 54 to `uid` (SPEC §4.5).
@@ -207,7 +208,7 @@ impl<'a> Message<'a> {
         Self::new(Kind::Kickout)
             .from(UserId::SERVER)
             .to(uid)
-            .content(Content::Kickout(kickout))
+            .content(Content::Kickout(Box::new(kickout)))
     }
 
     /// The reply to an echo request: the same message with type 53 (SPEC §4.7).
@@ -268,7 +269,7 @@ impl<'a> Message<'a> {
 
 impl<'a> From<LoginRequest<'a>> for Content<'a> {
     fn from(doc: LoginRequest<'a>) -> Self {
-        Self::Login(doc)
+        Self::Login(Box::new(doc))
     }
 }
 
