@@ -112,11 +112,15 @@ fn check_body(unit: &Unit, body: &[u8]) -> Message<'static> {
 
     if let Some(text) = msg.text() {
         let structured = match msg.kind {
-            Kind::Login => Some(Content::Login(Box::new(decoder.login_request(text).unwrap()))),
+            Kind::Login => Some(Content::Login(Box::new(
+                decoder.login_request(text).unwrap(),
+            ))),
             Kind::LoginResponse => Some(Content::LoginResponse(
                 decoder.login_response(text).unwrap(),
             )),
-            Kind::Error => Some(Content::Error(Box::new(decoder.error_response(text).unwrap()))),
+            Kind::Error => Some(Content::Error(Box::new(
+                decoder.error_response(text).unwrap(),
+            ))),
             Kind::Kickout => Some(Content::Kickout(Box::new(decoder.kickout(text).unwrap()))),
             _ => None,
         };

@@ -1,11 +1,233 @@
-//! imedge: a MobileIMSDK-compatible IM transport server.
+//! imedge: a MobileIMSDK-compatible IM transport server. This file is only the command line,
+//! the configuration sources and logging; everything else is the `imedge_server` library.
 //!
-//! Skeleton: the listeners, shards and routing arrive with the server issue.
+//! Settings come from, strongest first: flags, `IMEDGE_*` environment variables, the TOML file
+//! given by `--config`, and the reference's defaults.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use imedge_server::config::{IoBackend, ServerConfig};
+use imedge_server::hooks::{AllowAll, ServerEvents, TokenTable};
+use serde::Deserialize;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() {
-    eprintln!("imedge: the server is not implemented yet (see the server issue)");
-    std::process::exit(2);
+/// A port number, or `off` to disable the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "PortText")]
+struct Port(Option<u16>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortText {
+    Number(u16),
+    Text(String),
+}
+
+impl TryFrom<PortText> for Port {
+    type Error = String;
+    fn try_from(value: PortText) -> Result<Self, String> {
+        match value {
+            PortText::Number(n) => Ok(Self(Some(n))),
+            PortText::Text(t) => t.parse(),
+        }
+    }
+}
+
+impl std::str::FromStr for Port {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|p| Self(Some(p)))
+            .map_err(|_| format!("`{s}` is not a port number or `off`"))
+    }
+}
+
+fn parse_io(s: &str) -> Result<IoBackend, String> {
+    match s {
+        "auto" => Ok(IoBackend::Auto),
+        "uring" | "io_uring" | "io-uring" => Ok(IoBackend::Uring),
+        "epoll" => Ok(IoBackend::Epoll),
+        _ => Err(format!("`{s}`: expected auto, uring or epoll")),
+    }
+}
+
+/// Command-line flags; each may also be set with an `IMEDGE_*` variable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "imedge",
+    version,
+    about = "MobileIMSDK-compatible IM server (TCP, UDP, WebSocket)"
+)]
+struct Args {
+    /// TOML file with any of the settings below (keys as the flags, with `_` for `-`).
+    #[arg(long, env = "IMEDGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// TCP port, or `off` [default: 8901].
+    #[arg(long, env = "IMEDGE_TCP_PORT")]
+    tcp_port: Option<Port>,
+    /// UDP port, or `off` [default: 7901].
+    #[arg(long, env = "IMEDGE_UDP_PORT")]
+    udp_port: Option<Port>,
+    /// WebSocket port (path /websocket), or `off` [default: 3000].
+    #[arg(long, env = "IMEDGE_WS_PORT")]
+    ws_port: Option<Port>,
+    /// Address to listen on [default: 0.0.0.0].
+    #[arg(long, env = "IMEDGE_BIND")]
+    bind: Option<IpAddr>,
+    /// Directory for durable state [default: ./data].
+    #[arg(long, env = "IMEDGE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Event loops (cores) [default: number of CPUs].
+    #[arg(long, env = "IMEDGE_THREADS")]
+    threads: Option<usize>,
+    /// I/O backend: auto, uring or epoll [default: auto].
+    #[arg(long, env = "IMEDGE_IO", value_parser = parse_io)]
+    io: Option<IoBackend>,
+    /// Idle timeout of TCP connections, seconds [default: 20].
+    #[arg(long, env = "IMEDGE_TCP_IDLE")]
+    tcp_idle: Option<u64>,
+    /// Idle timeout of UDP sessions, seconds [default: 10].
+    #[arg(long, env = "IMEDGE_UDP_IDLE")]
+    udp_idle: Option<u64>,
+    /// Idle timeout of WebSocket connections, seconds [default: 20].
+    #[arg(long, env = "IMEDGE_WS_IDLE")]
+    ws_idle: Option<u64>,
+    /// Stamp every server packet with the server clock (`sm`).
+    #[arg(long, env = "IMEDGE_SERVER_TIMESTAMPS")]
+    server_timestamps: Option<bool>,
+    /// Accept logins only with the token listed for the uid in this file (`uid token` lines);
+    /// without it everyone may log in, like the reference demo.
+    #[arg(long, env = "IMEDGE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Do not pin event loops to CPUs.
+    #[arg(long, env = "IMEDGE_NO_PIN")]
+    no_pin: Option<bool>,
+}
+
+/// The `--config` file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    tcp_port: Option<Port>,
+    udp_port: Option<Port>,
+    ws_port: Option<Port>,
+    bind: Option<IpAddr>,
+    data_dir: Option<PathBuf>,
+    threads: Option<usize>,
+    io: Option<String>,
+    tcp_idle: Option<u64>,
+    udp_idle: Option<u64>,
+    ws_idle: Option<u64>,
+    server_timestamps: Option<bool>,
+    token_file: Option<PathBuf>,
+    no_pin: Option<bool>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IMEDGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+
+    let mut config = ServerConfig::default();
+    if let Some(Port(p)) = args.tcp_port.or(file.tcp_port) {
+        config.tcp_port = p;
+    }
+    if let Some(Port(p)) = args.udp_port.or(file.udp_port) {
+        config.udp_port = p;
+    }
+    if let Some(Port(p)) = args.ws_port.or(file.ws_port) {
+        config.ws_port = p;
+    }
+    config.bind = args.bind.or(file.bind).unwrap_or(config.bind);
+    config.data_dir = args.data_dir.or(file.data_dir).unwrap_or(config.data_dir);
+    config.threads = args.threads.or(file.threads).unwrap_or(config.threads);
+    if let Some(io) = args.io {
+        config.io = io;
+    } else if let Some(io) = file.io {
+        config.io = parse_io(&io).map_err(anyhow::Error::msg)?;
+    }
+    let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
+    config.tcp_idle = secs(args.tcp_idle.or(file.tcp_idle), config.tcp_idle);
+    config.udp_idle = secs(args.udp_idle.or(file.udp_idle), config.udp_idle);
+    config.ws_idle = secs(args.ws_idle.or(file.ws_idle), config.ws_idle);
+    config.server_timestamps = args
+        .server_timestamps
+        .or(file.server_timestamps)
+        .unwrap_or(false);
+    config.pin_threads = !args.no_pin.or(file.no_pin).unwrap_or(false);
+    if config.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+
+    let hooks: Arc<dyn ServerEvents> = match args.token_file.or(file.token_file) {
+        Some(path) => {
+            let table = TokenTable::from_file(&path).map_err(anyhow::Error::msg)?;
+            tracing::info!(users = table.len(), file = %path.display(), "login verify: token table");
+            Arc::new(table)
+        }
+        None => {
+            tracing::info!(
+                "login verify: allow all (demo behaviour; use --token-file to restrict)"
+            );
+            Arc::new(AllowAll)
+        }
+    };
+
+    let server = imedge_server::runtime::start(&config, hooks).context("starting the server")?;
+    tracing::info!(
+        backend = server.backend,
+        threads = config.threads,
+        "imedge running"
+    );
+    if let Some(addr) = server.tcp_addr {
+        tracing::info!(%addr, idle_secs = config.tcp_idle.as_secs(), "TCP gateway listening");
+    }
+    if let Some(addr) = server.udp_addr {
+        tracing::info!(%addr, idle_secs = config.udp_idle.as_secs(), "UDP gateway listening");
+    }
+    if let Some(addr) = server.ws_addr {
+        tracing::info!(%addr, path = "/websocket", idle_secs = config.ws_idle.as_secs(), "WebSocket gateway listening");
+    }
+
+    // The control thread: wait for SIGINT/SIGTERM, then drain and stop the cores.
+    let stopper = server.stopper();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("imedge-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!(signal, "shutting down");
+                stopper.stop();
+            }
+        })
+        .context("starting the signal thread")?;
+    server.join().context("an event loop failed")?;
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -69,10 +69,6 @@ impl<'b, B: BufMut> JsonWriter<'b, B> {
         self.raw(buf.format(value).as_bytes());
     }
 
-    fn bool(&mut self, value: bool) {
-        self.raw(if value { b"true" } else { b"false" });
-    }
-
     fn string_field(&mut self, name: &str, value: Option<&str>) {
         if let Some(value) = value {
             self.key(name);

@@ -136,6 +136,12 @@ impl QosReceiver {
         Seen::Fresh
     }
 
+    /// Whether `fp` is in the window, without recording a sighting (for callers that record only
+    /// once the message has been handled, e.g. the server's C2C de-duplication).
+    pub fn contains(&self, fp: &str) -> bool {
+        self.seen.contains_key(fp)
+    }
+
     /// Runs the sweep due at or before `now`, if any. Several missed sweeps collapse into the
     /// latest one, which drops everything the earlier ones would have.
     pub fn handle_timeout(&mut self, now: Instant) {

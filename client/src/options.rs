@@ -1,0 +1,192 @@
+//! What a client is configured with: [`ClientOptions`].
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use imedge_protocol::frame::ws;
+use imedge_protocol::qos::QosSenderConfig;
+use imedge_protocol::session::{ClientConfig, KeepAlive, SenseMode, Transport};
+
+use crate::Error;
+
+/// The reference server's UDP port (SPEC §1).
+pub const DEFAULT_UDP_PORT: u16 = 7901;
+/// The reference server's TCP port (SPEC §1).
+pub const DEFAULT_TCP_PORT: u16 = 8901;
+/// The reference server's WebSocket port (SPEC §1).
+pub const DEFAULT_WS_PORT: u16 = 3000;
+
+/// Bound on establishing the first link (TCP connect plus, for WebSocket, the upgrade) and, in
+/// [`crate::Client::login`], on the wait for the login response. Loopback and LAN servers answer
+/// in milliseconds; 10 s leaves room for a congested mobile link without hanging an application
+/// for long on a dead address.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Commands (`send`, `logout`, …) queued towards the client's task before callers wait. Each
+/// command is answered once the task has acted on it, so a caller has at most one in flight; the
+/// bound only matters for a [`crate::Client`] cloned into many tasks.
+pub const DEFAULT_COMMAND_CAPACITY: usize = 128;
+
+/// The reference server's listening port for `transport` (SPEC §1).
+pub const fn default_port(transport: Transport) -> u16 {
+    match transport {
+        Transport::Tcp => DEFAULT_TCP_PORT,
+        Transport::Udp => DEFAULT_UDP_PORT,
+        Transport::Ws => DEFAULT_WS_PORT,
+    }
+}
+
+/// How to reach the server and whom to log in as.
+///
+/// [`ClientOptions::new`] fills in everything but the four essentials with the Java SDK's
+/// defaults; fields are public so that tests and tools can change the rest with struct update
+/// syntax. `Debug` redacts the token.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// TCP (4-byte length prefix), UDP (one datagram per message) or WebSocket (one text frame
+    /// per message).
+    pub transport: Transport,
+    /// The server's address.
+    pub server: SocketAddr,
+    /// Request path of the WebSocket upgrade; the reference accepts only `/websocket`
+    /// (SPEC §1.3). Ignored by TCP and UDP.
+    pub ws_path: String,
+    /// The uid to log in as (`loginUserId`, and `from` of everything sent).
+    pub user_id: String,
+    /// `loginToken`, handed to the server's verify callback.
+    pub token: String,
+    /// `extra` of the login, opaque application data; omitted when `None`.
+    pub extra: Option<String>,
+    /// The SDK sense mode (keep-alive interval and liveness timeout, SPEC §6.2); `None` = the
+    /// SDK default of the transport (TCP and WebSocket 15S, UDP 3S). Must match the server's
+    /// idle timeout (the reference demo server expects 5S on TCP and WebSocket).
+    pub sense_mode: Option<SenseMode>,
+    /// A keep-alive interval and timeout outside the SDK's table; overrides `sense_mode`. For
+    /// tests and servers with non-standard idle timeouts.
+    pub keep_alive: Option<KeepAlive>,
+    /// Resend timing of sent QoS messages; the SDK's (SPEC §8.3) by default.
+    pub qos: QosSenderConfig,
+    /// See [`DEFAULT_CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// See [`DEFAULT_COMMAND_CAPACITY`].
+    pub command_capacity: usize,
+}
+
+impl ClientOptions {
+    /// Options for logging in as `user_id` with `token` to `server` over `transport`, with the
+    /// Java SDK's defaults for everything else.
+    pub fn new(
+        transport: Transport,
+        server: SocketAddr,
+        user_id: impl Into<String>,
+        token: impl Into<String>,
+    ) -> Self {
+        Self {
+            transport,
+            server,
+            user_id: user_id.into(),
+            token: token.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Uses the SDK sense mode `mode` (see [`ClientOptions::sense_mode`]).
+    pub fn with_sense_mode(mut self, mode: SenseMode) -> Self {
+        self.sense_mode = Some(mode);
+        self
+    }
+
+    /// Sets the `extra` login field.
+    pub fn with_extra(mut self, extra: impl Into<String>) -> Self {
+        self.extra = Some(extra.into());
+        self
+    }
+
+    /// The session configuration these options describe.
+    ///
+    /// # Errors
+    /// [`Error::Options`] when the transport's SDK has no such sense mode (UDP has no 5S or 15S).
+    pub fn session_config(&self) -> Result<ClientConfig, Error> {
+        let mut config =
+            ClientConfig::new(self.user_id.clone(), self.token.clone(), self.transport);
+        if let Some(keep_alive) = self.keep_alive {
+            config.keep_alive = keep_alive;
+        } else if let Some(mode) = self.sense_mode {
+            config = config.with_sense_mode(mode)?;
+        }
+        config.extra.clone_from(&self.extra);
+        config.qos = self.qos;
+        Ok(config)
+    }
+}
+
+impl Default for ClientOptions {
+    /// TCP to `127.0.0.1:8901` as an empty uid: only useful with struct update syntax.
+    fn default() -> Self {
+        Self {
+            transport: Transport::Tcp,
+            server: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_TCP_PORT)),
+            ws_path: ws::PATH.to_owned(),
+            user_id: String::new(),
+            token: String::new(),
+            extra: None,
+            sense_mode: None,
+            keep_alive: None,
+            qos: QosSenderConfig::CLIENT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            command_capacity: DEFAULT_COMMAND_CAPACITY,
+        }
+    }
+}
+
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("transport", &self.transport)
+            .field("server", &self.server)
+            .field("ws_path", &self.ws_path)
+            .field("user_id", &self.user_id)
+            .field("token", &"<redacted>")
+            .field("extra", &self.extra)
+            .field("sense_mode", &self.sense_mode)
+            .field("keep_alive", &self.keep_alive)
+            .field("qos", &self.qos)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_capacity", &self.command_capacity)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn session_config_applies_the_options() {
+        let server = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+        let options = ClientOptions::new(Transport::Tcp, server, "alice", "secret")
+            .with_sense_mode(SenseMode::S5)
+            .with_extra("x");
+        let config = options.session_config().unwrap();
+        assert_eq!(config.keep_alive, KeepAlive::from_millis(5000, 8000));
+        assert_eq!(config.extra.as_deref(), Some("x"));
+        assert_eq!(config.user_id, "alice");
+        assert!(!format!("{options:?}").contains("secret"));
+
+        let udp =
+            ClientOptions::new(Transport::Udp, server, "alice", "t").with_sense_mode(SenseMode::S5);
+        assert!(matches!(udp.session_config(), Err(Error::Options(_))));
+
+        let custom = ClientOptions {
+            keep_alive: Some(KeepAlive::from_millis(100, 300)),
+            ..udp
+        };
+        assert_eq!(
+            custom.session_config().unwrap().keep_alive,
+            KeepAlive::from_millis(100, 300)
+        );
+    }
+}

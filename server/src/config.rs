@@ -1,0 +1,82 @@
+//! The server's settings as a typed struct with the reference's defaults. Parsing flags, the
+//! TOML file and `IMEDGE_*` variables is the binary's job (`main.rs`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use imedge_protocol::frame::{tcp, udp};
+use imedge_protocol::session::Transport;
+
+/// Which I/O backend the cores run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoBackend {
+    /// io_uring when the kernel and sandbox allow it, else epoll.
+    #[default]
+    Auto,
+    /// io_uring; fail to start without it.
+    Uring,
+    /// epoll (through mio).
+    Epoll,
+}
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address every listener binds (default `0.0.0.0`, like the reference).
+    pub bind: IpAddr,
+    /// TCP gateway port (`None` = off). Default 8901.
+    pub tcp_port: Option<u16>,
+    /// UDP gateway port (`None` = off). Default 7901.
+    pub udp_port: Option<u16>,
+    /// WebSocket gateway port (`None` = off). Default 3000, path `/websocket`.
+    pub ws_port: Option<u16>,
+    /// Where durable state lives (offline store, later).
+    pub data_dir: PathBuf,
+    /// Number of cores (event loops, shards).
+    pub threads: usize,
+    /// I/O backend.
+    pub io: IoBackend,
+    /// Pin each event loop to its own CPU.
+    pub pin_threads: bool,
+    /// Idle timeout of TCP connections (SPEC §6.3: 20 s by default).
+    pub tcp_idle: Duration,
+    /// Idle timeout of UDP sessions (10 s).
+    pub udp_idle: Duration,
+    /// Idle timeout of WebSocket connections (20 s).
+    pub ws_idle: Duration,
+    /// Largest TCP frame body (SPEC §1.1: 6144).
+    pub tcp_max_body: usize,
+    /// Largest UDP datagram (SPEC §1.2: 2048).
+    pub udp_max_datagram: usize,
+    /// Write the server clock into `sm` of every server packet.
+    pub server_timestamps: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: IpAddr::from([0, 0, 0, 0]),
+            tcp_port: Some(DEFAULT_TCP_PORT),
+            udp_port: Some(DEFAULT_UDP_PORT),
+            ws_port: Some(DEFAULT_WS_PORT),
+            data_dir: PathBuf::from("data"),
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+            io: IoBackend::Auto,
+            pin_threads: true,
+            tcp_idle: Transport::Tcp.default_server_idle_timeout(),
+            udp_idle: Transport::Udp.default_server_idle_timeout(),
+            ws_idle: Transport::Ws.default_server_idle_timeout(),
+            tcp_max_body: tcp::DEFAULT_MAX_BODY,
+            udp_max_datagram: udp::DEFAULT_MAX_DATAGRAM,
+            server_timestamps: false,
+        }
+    }
+}
+
+/// The reference's TCP port (SPEC §1).
+pub const DEFAULT_TCP_PORT: u16 = 8901;
+/// The reference's UDP port.
+pub const DEFAULT_UDP_PORT: u16 = 7901;
+/// The reference's WebSocket port.
+pub const DEFAULT_WS_PORT: u16 = 3000;

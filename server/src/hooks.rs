@@ -1,0 +1,269 @@
+//! Extension points: the verify step and the application callbacks of the reference server
+//! (SPEC §10) as one trait, plus the built-in verifiers.
+//!
+//! # Contract
+//! Hooks run on the core that owns the session, inside its event loop: they must not block
+//! (no disk or network I/O, no locks held for long). Work that needs to wait belongs on another
+//! thread; hand it over through a channel. What a hook wants the server to do (send a message to
+//! a user, kick a session) goes through the [`Api`] it is given and is carried out right after
+//! the hook returns.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use imedge_protocol::message::payload::LoginRequest;
+use imedge_protocol::session::Transport;
+use imedge_protocol::{Message, UserId};
+
+/// What a hook knows about the session it is called for.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionInfo<'a> {
+    /// The session's authenticated uid (for verify: the uid asking to log in).
+    pub uid: &'a str,
+    /// The transport the session uses.
+    pub transport: Transport,
+    /// The peer's address.
+    pub peer: SocketAddr,
+}
+
+/// A C2C or S2C message that could not be delivered in real time (recipient not online).
+#[derive(Debug, Clone, Copy)]
+pub struct Undelivered<'a> {
+    /// Sender uid (`"0"` for S2C).
+    pub from: &'a str,
+    /// Recipient uid (`None` when the message had no `to`).
+    pub to: Option<&'a str>,
+    /// Fingerprint, for QoS messages.
+    pub fp: Option<&'a str>,
+    /// The message exactly as it would have been sent (encoded JSON).
+    pub json: &'a [u8],
+}
+
+/// The server application's callbacks (SPEC §10). Every method has a no-op default: the
+/// defaults behave like the reference's demo (everyone may log in, nothing is stored offline).
+pub trait ServerEvents: Send + Sync + 'static {
+    /// `onUserLoginVerify`: 0 accepts the login, anything else refuses it and is sent to the
+    /// client as the `code` (applications use codes ≥ 1025). The token must never be logged.
+    fn verify(&self, login: &LoginRequest<'_>, session: SessionInfo<'_>) -> i32 {
+        let _ = (login, session);
+        0
+    }
+    /// `onUserLoginSucess`.
+    fn on_login(&self, extra: Option<&str>, session: SessionInfo<'_>, api: &mut Api) {
+        let _ = (extra, session, api);
+    }
+    /// `onUserLogout`; `kickout_code` is set when the session ended because it was kicked.
+    fn on_logout(&self, session: SessionInfo<'_>, kickout_code: Option<i32>) {
+        let _ = (session, kickout_code);
+    }
+    /// `onTransferMessage4C2SBefore`: false drops the message silently (no ACK).
+    fn on_c2s_before(&self, msg: &Message<'_>, session: SessionInfo<'_>) -> bool {
+        let _ = (msg, session);
+        true
+    }
+    /// `onTransferMessage4C2S`: a (de-duplicated) message for the server application.
+    fn on_c2s(&self, msg: &Message<'_>, session: SessionInfo<'_>, api: &mut Api) {
+        let _ = (msg, session, api);
+    }
+    /// `onTransferMessage4C2CBefore`: false drops the message silently (no ACK).
+    fn on_c2c_before(&self, msg: &Message<'_>, session: SessionInfo<'_>) -> bool {
+        let _ = (msg, session);
+        true
+    }
+    /// `onTransferMessage4C2C`: the message was written to the recipient's session.
+    fn on_c2c_after(&self, from: &str, to: &str, fp: Option<&str>) {
+        let _ = (from, to, fp);
+    }
+    /// `onTransferMessage_RealTimeSendFaild`: the recipient is not online. Return true if the
+    /// message was stored (the sender then gets its ACK); the default stores nothing.
+    fn on_offline(&self, msg: Undelivered<'_>) -> bool {
+        let _ = msg;
+        false
+    }
+    /// `messagesLost`: a server-sent QoS message was not acknowledged after its resend.
+    fn on_s2c_lost(&self, to: &str, fp: &str, json: &[u8]) {
+        let _ = (to, fp, json);
+    }
+    /// `messagesBeReceived`: the recipient acknowledged a server-sent QoS message.
+    fn on_s2c_delivered(&self, to: &str, fp: &str) {
+        let _ = (to, fp);
+    }
+}
+
+/// What a hook may ask the server to do; carried out after the hook returns.
+#[derive(Debug, Default)]
+pub struct Api {
+    pub(crate) commands: Vec<Command>,
+}
+
+/// A request made through [`Api`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Send application data from the server (S2C) to a user.
+    Send {
+        /// Recipient.
+        to: UserId<'static>,
+        /// `dataContent`.
+        text: String,
+        /// `typeu`.
+        typeu: i32,
+        /// With QoS (a fingerprint is generated and the message is resent until ACKed).
+        qos: bool,
+    },
+    /// Kick the user's current session with a kickout message (SPEC §4.5).
+    Kick {
+        /// Whose session.
+        uid: UserId<'static>,
+        /// Kickout code (2 = by the application).
+        code: i32,
+        /// Optional reason.
+        reason: Option<String>,
+    },
+}
+
+impl Api {
+    /// Sends `text` from the server to `to` (S2C, SPEC §7.3).
+    pub fn send(&mut self, to: &str, text: impl Into<String>, typeu: i32, qos: bool) {
+        self.commands.push(Command::Send {
+            to: UserId::from(to.to_owned()),
+            text: text.into(),
+            typeu,
+            qos,
+        });
+    }
+
+    /// Kicks the current session of `uid` with `code` and an optional reason.
+    pub fn kick(&mut self, uid: &str, code: i32, reason: Option<&str>) {
+        self.commands.push(Command::Kick {
+            uid: UserId::from(uid.to_owned()),
+            code,
+            reason: reason.map(str::to_owned),
+        });
+    }
+}
+
+/// The default application: everyone may log in, nothing is stored offline (the reference demo).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AllowAll;
+
+impl ServerEvents for AllowAll {}
+
+/// Refusal code of [`TokenTable`] for an unknown uid or a wrong token.
+pub const TOKEN_REFUSED: i32 = 1025;
+
+/// A verifier that accepts a login only with the token listed for its uid.
+///
+/// File format: one `uid token` pair per line, separated by white space; blank lines and lines
+/// starting with `#` are ignored.
+#[derive(Clone, Default)]
+pub struct TokenTable {
+    tokens: HashMap<String, String>,
+}
+
+impl fmt::Debug for TokenTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Tokens are secrets: only say how many there are.
+        f.debug_struct("TokenTable")
+            .field("users", &self.tokens.len())
+            .finish()
+    }
+}
+
+impl TokenTable {
+    /// Parses the table from text (see the type's docs for the format).
+    ///
+    /// # Errors
+    /// A line with a uid but no token, naming its line number (never its content).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut tokens = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(uid), Some(token), None) => {
+                    tokens.insert(uid.to_owned(), token.to_owned());
+                }
+                _ => return Err(format!("line {}: expected `uid token`", n + 1)),
+            }
+        }
+        Ok(Self { tokens })
+    }
+
+    /// Reads the table from a file.
+    ///
+    /// # Errors
+    /// The file cannot be read or has a malformed line.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Number of users in the table.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+impl ServerEvents for TokenTable {
+    fn verify(&self, login: &LoginRequest<'_>, _session: SessionInfo<'_>) -> i32 {
+        match (
+            self.tokens.get(login.user_id.as_str()),
+            login.token.as_deref(),
+        ) {
+            (Some(expected), Some(given)) if expected == given => 0,
+            _ => TOKEN_REFUSED,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    fn login(uid: &str, token: Option<&str>) -> LoginRequest<'static> {
+        LoginRequest {
+            user_id: UserId::from(uid.to_owned()),
+            token: token.map(|t| Cow::Owned(t.to_owned())),
+            extra: None,
+            first_login_time: 0,
+        }
+    }
+
+    #[test]
+    fn token_table_verifies() {
+        let table = TokenTable::parse("# users\nalice s3cret\n\n  bob   tok \n").unwrap();
+        assert_eq!(table.len(), 2);
+        let info = SessionInfo {
+            uid: "alice",
+            transport: Transport::Tcp,
+            peer: "127.0.0.1:1".parse().unwrap(),
+        };
+        assert_eq!(table.verify(&login("alice", Some("s3cret")), info), 0);
+        assert_eq!(
+            table.verify(&login("alice", Some("nope")), info),
+            TOKEN_REFUSED
+        );
+        assert_eq!(table.verify(&login("alice", None), info), TOKEN_REFUSED);
+        assert_eq!(
+            table.verify(&login("carol", Some("s3cret")), info),
+            TOKEN_REFUSED
+        );
+        assert_eq!(table.verify(&login("bob", Some("tok")), info), 0);
+        assert!(!format!("{table:?}").contains("s3cret"));
+        assert!(TokenTable::parse("alice").is_err());
+        assert!(TokenTable::parse("alice a b").is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! Cross-core mail: one bounded lock-free inbox per core, and a way to wake its event loop.
+//!
+//! Senders push into the target's [`ArrayQueue`] and remember the target; at the end of its loop
+//! turn a core wakes each core it mailed once (one `eventfd` write per target per turn, not per
+//! message). A full inbox means the target is overloaded: the sender keeps the mail in a small
+//! local overflow and retries on its next turn; past [`MAX_OVERFLOW`] it drops mail and counts it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_queue::ArrayQueue;
+use mio::net::TcpStream;
+
+use crate::shard::{Adopt, CoreId, ShardMsg};
+
+/// Capacity of each core's inbox. At 100k messages/s a core drains its inbox many times per
+/// millisecond; 64k entries absorb bursts of several milliseconds of cross-core traffic while
+/// bounding memory (a mail is ~100 bytes: ~6 MiB per core worst case).
+pub const INBOX_CAPACITY: usize = 65_536;
+
+/// Mail a core holds back for a full inbox before it starts dropping (per target core).
+pub const MAX_OVERFLOW: usize = 65_536;
+
+/// What travels between cores.
+#[derive(Debug)]
+pub enum Mail {
+    /// For the shard.
+    Shard(ShardMsg),
+    /// A connection moving to its user's shard after a verified login.
+    Adopt(Box<Migrant>),
+    /// Stop: close every connection, then end the loop.
+    Shutdown,
+}
+
+/// A TCP or WebSocket connection in transit between cores.
+#[derive(Debug)]
+pub struct Migrant {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Transport state: buffered input, queued output, WebSocket decoder.
+    pub conn: super::conn::ConnState,
+    /// The verified login it carries.
+    pub adopt: Adopt,
+}
+
+/// Wakes a core's event loop.
+pub trait Wake: Send + Sync {
+    /// Makes the core's current or next wait return.
+    fn wake(&self);
+}
+
+impl Wake for mio::Waker {
+    fn wake(&self) {
+        if let Err(error) = mio::Waker::wake(self) {
+            tracing::warn!(%error, "cannot wake a core");
+        }
+    }
+}
+
+/// The inboxes and wakers of all cores.
+pub struct Mesh {
+    inboxes: Vec<ArrayQueue<Mail>>,
+    wakers: Vec<Arc<dyn Wake>>,
+    /// Mail dropped because an inbox and the sender's overflow were full.
+    pub dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("cores", &self.inboxes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mesh {
+    /// A mesh of `wakers.len()` cores.
+    pub fn new(wakers: Vec<Arc<dyn Wake>>) -> Self {
+        Self {
+            inboxes: wakers
+                .iter()
+                .map(|_| ArrayQueue::new(INBOX_CAPACITY))
+                .collect(),
+            wakers,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Number of cores.
+    pub fn cores(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Takes the next mail for `core`.
+    pub fn pop(&self, core: CoreId) -> Option<Mail> {
+        self.inboxes.get(usize::from(core))?.pop()
+    }
+
+    /// Wakes `core`.
+    pub fn wake(&self, core: CoreId) {
+        if let Some(waker) = self.wakers.get(usize::from(core)) {
+            waker.wake();
+        }
+    }
+
+    /// Sends `Shutdown` to every core (from the control thread).
+    pub fn shutdown_all(&self) {
+        for core in 0..self.inboxes.len() {
+            let Ok(core) = CoreId::try_from(core) else {
+                break;
+            };
+            let mut mail = Mail::Shutdown;
+            // Shutdown must arrive: wait for room (the loops keep draining their inboxes).
+            while let Some(inbox) = self.inboxes.get(usize::from(core)) {
+                match inbox.push(mail) {
+                    Ok(()) => break,
+                    Err(back) => {
+                        mail = back;
+                        std::thread::yield_now();
+                    }
+                }
+            }
+            self.wake(core);
+        }
+    }
+}
+
+/// A core's outgoing side: mail that did not fit yet, and whom to wake at the end of the turn.
+#[derive(Debug)]
+pub struct Outgoing {
+    mesh: Arc<Mesh>,
+    overflow: Vec<VecDeque<Mail>>,
+    to_wake: Vec<bool>,
+}
+
+impl Outgoing {
+    /// The sending side for one core.
+    pub fn new(mesh: Arc<Mesh>) -> Self {
+        let cores = mesh.cores();
+        Self {
+            mesh,
+            overflow: (0..cores).map(|_| VecDeque::new()).collect(),
+            to_wake: vec![false; cores],
+        }
+    }
+
+    /// Sends `mail` to `core` (delivered in order with earlier mail to the same core).
+    pub fn send(&mut self, core: CoreId, mail: Mail) {
+        let index = usize::from(core);
+        let (Some(inbox), Some(overflow)) =
+            (self.mesh.inboxes.get(index), self.overflow.get_mut(index))
+        else {
+            return;
+        };
+        if let Some(flag) = self.to_wake.get_mut(index) {
+            *flag = true;
+        }
+        if overflow.is_empty() {
+            if let Err(back) = inbox.push(mail) {
+                overflow.push_back(back);
+            }
+        } else if overflow.len() < MAX_OVERFLOW {
+            overflow.push_back(mail);
+        } else {
+            self.mesh.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(core, "inbox and overflow full: mail dropped");
+        }
+    }
+
+    /// Retries held-back mail and wakes every core mailed since the last call.
+    pub fn flush(&mut self) {
+        for (index, overflow) in self.overflow.iter_mut().enumerate() {
+            let Some(inbox) = self.mesh.inboxes.get(index) else {
+                continue;
+            };
+            while let Some(mail) = overflow.pop_front() {
+                if let Err(back) = inbox.push(mail) {
+                    overflow.push_front(back);
+                    break;
+                }
+            }
+            if !overflow.is_empty() {
+                if let Some(flag) = self.to_wake.get_mut(index) {
+                    *flag = true;
+                }
+            }
+        }
+        for (index, flag) in self.to_wake.iter_mut().enumerate() {
+            if std::mem::take(flag) {
+                if let Ok(core) = CoreId::try_from(index) {
+                    self.mesh.wake(core);
+                }
+            }
+        }
+    }
+
+    /// Whether mail is still held back (the loop should not sleep long).
+    pub fn has_backlog(&self) -> bool {
+        self.overflow.iter().any(|o| !o.is_empty())
+    }
+}

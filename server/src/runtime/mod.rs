@@ -1,0 +1,230 @@
+//! The thread-per-core runtime: binds the listeners, starts one pinned event loop per core, and
+//! stops them.
+//!
+//! * [`conn`] — one connection's transport state (framing, WebSocket), backend-independent.
+//! * [`mesh`] — bounded lock-free inboxes between cores, with wake-ups.
+//! * [`epoll`] — the epoll backend (mio).
+//!
+//! Every core binds its own TCP, UDP and WebSocket socket on the same ports with `SO_REUSEPORT`;
+//! the kernel spreads connections and UDP clients over them.
+
+pub mod conn;
+pub mod epoll;
+pub mod mesh;
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{IoBackend, ServerConfig};
+use crate::hooks::ServerEvents;
+use crate::shard::{CoreId, Shard, ShardConfig};
+use mesh::{Mesh, Wake};
+
+/// Listen backlog of the TCP and WebSocket listeners (the reference's, SPEC §1.1).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Frame limits the loops enforce.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest TCP frame body.
+    pub tcp_max_body: usize,
+    /// Largest UDP datagram.
+    pub udp_max_datagram: usize,
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    mesh: Arc<Mesh>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    /// Where the TCP gateway listens.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Where the UDP gateway listens.
+    pub udp_addr: Option<SocketAddr>,
+    /// Where the WebSocket gateway listens.
+    pub ws_addr: Option<SocketAddr>,
+    /// The I/O backend in use.
+    pub backend: &'static str,
+}
+
+impl ServerHandle {
+    /// Asks every core to close its connections and stop, and waits for them.
+    ///
+    /// # Errors
+    /// The first error a core's loop ended with.
+    pub fn shutdown(self) -> io::Result<()> {
+        self.mesh.shutdown_all();
+        self.join()
+    }
+
+    /// Waits for the cores to stop.
+    ///
+    /// # Errors
+    /// The first error a core's loop ended with.
+    pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for thread in self.threads {
+            let outcome = thread
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a core panicked")));
+            if result.is_ok() {
+                result = outcome;
+            }
+        }
+        result
+    }
+
+    /// A handle that can stop the server from another thread (e.g. a signal handler's).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(Arc::clone(&self.mesh))
+    }
+}
+
+/// Stops a server from any thread.
+#[derive(Debug, Clone)]
+pub struct Stopper(Arc<Mesh>);
+
+impl Stopper {
+    /// Asks every core to close its connections and stop.
+    pub fn stop(&self) {
+        self.0.shutdown_all();
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Binds one socket per core on the same port; with port 0 the first picks it for all.
+fn bind_all<S>(
+    bind: std::net::IpAddr,
+    port: Option<u16>,
+    cores: usize,
+    open: impl Fn(SocketAddr) -> io::Result<S>,
+    local: impl Fn(&S) -> io::Result<SocketAddr>,
+) -> io::Result<(Vec<Option<S>>, Option<SocketAddr>)> {
+    let Some(port) = port else {
+        return Ok(((0..cores).map(|_| None).collect(), None));
+    };
+    let first = open(SocketAddr::new(bind, port))?;
+    let addr = local(&first)?;
+    let mut sockets = vec![Some(first)];
+    for _ in 1..cores {
+        sockets.push(Some(open(addr)?));
+    }
+    Ok((sockets, Some(addr)))
+}
+
+/// Starts the server: binds every listener (errors surface here), then one loop per core.
+///
+/// # Errors
+/// A listener cannot be bound, or the requested I/O backend is not available.
+pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<ServerHandle> {
+    let cores = config.threads.clamp(1, usize::from(CoreId::MAX));
+    if config.io == IoBackend::Uring {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the io_uring backend is not part of this build yet; use --io epoll or auto",
+        ));
+    }
+    let backend = "epoll";
+
+    let (tcp, tcp_addr) = bind_all(
+        config.bind,
+        config.tcp_port,
+        cores,
+        bind_tcp,
+        TcpListener::local_addr,
+    )?;
+    let (ws, ws_addr) = bind_all(
+        config.bind,
+        config.ws_port,
+        cores,
+        bind_tcp,
+        TcpListener::local_addr,
+    )?;
+    let (udp, udp_addr) = bind_all(
+        config.bind,
+        config.udp_port,
+        cores,
+        bind_udp,
+        UdpSocket::local_addr,
+    )?;
+
+    let mut polls = Vec::with_capacity(cores);
+    let mut wakers: Vec<Arc<dyn Wake>> = Vec::with_capacity(cores);
+    for _ in 0..cores {
+        let poll = mio::Poll::new()?;
+        wakers.push(Arc::new(mio::Waker::new(poll.registry(), epoll::WAKER)?));
+        polls.push(poll);
+    }
+    let mesh = Arc::new(Mesh::new(wakers));
+    let limits = Limits {
+        tcp_max_body: config.tcp_max_body,
+        udp_max_datagram: config.udp_max_datagram,
+    };
+    let cpus = if config.pin_threads {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+
+    let mut threads = Vec::with_capacity(cores);
+    let sockets = tcp.into_iter().zip(ws).zip(udp);
+    for (core, (poll, ((tcp, ws), udp))) in polls.into_iter().zip(sockets).enumerate() {
+        let core_id = CoreId::try_from(core).unwrap_or(CoreId::MAX);
+        let mut shard_config = ShardConfig::new(core_id, cores);
+        shard_config.tcp_idle = config.tcp_idle;
+        shard_config.udp_idle = config.udp_idle;
+        shard_config.ws_idle = config.ws_idle;
+        shard_config.server_timestamps = config.server_timestamps;
+        let listeners = epoll::Listeners {
+            tcp: tcp.map(mio::net::TcpListener::from_std),
+            ws: ws.map(mio::net::TcpListener::from_std),
+            udp: udp.map(mio::net::UdpSocket::from_std),
+        };
+        let hooks = Arc::clone(&hooks);
+        let mesh = Arc::clone(&mesh);
+        let cpu = cpus.get(core % cpus.len().max(1)).copied();
+        let thread = std::thread::Builder::new()
+            .name(format!("imedge-core-{core}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if !core_affinity::set_for_current(cpu) {
+                        tracing::warn!(core, "could not pin the event loop to a CPU");
+                    }
+                }
+                let shard = Shard::new(shard_config, hooks, Instant::now());
+                epoll::EpollCore::new(core_id, poll, shard, listeners, mesh, limits)?.run()
+            })?;
+        threads.push(thread);
+    }
+    Ok(ServerHandle {
+        mesh,
+        threads,
+        tcp_addr,
+        udp_addr,
+        ws_addr,
+        backend,
+    })
+}

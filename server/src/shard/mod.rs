@@ -1,0 +1,769 @@
+//! A shard: all session state of the users that hash to one core, and the logic that runs on it.
+//!
+//! Sans-IO like the protocol crate: the event loop feeds it decoded input with the time, and it
+//! answers through an [`Outbox`] (write this message to that endpoint, close that connection,
+//! hand this connection to another core, mail that core). Time comes in as [`Now`]; timers live
+//! in one [`TimerWheel`] per shard.
+//!
+//! Where sessions live (see `docs/architecture.md`): every user's session state is on core
+//! [`shard_for`]`(uid)`. A TCP or WebSocket connection is accepted by whichever core the kernel
+//! picks; it stays there while it is not logged in, and after a successful verify it *migrates*
+//! to its user's shard ([`Outbox::migrate`]), so everything a logged-in connection does runs on
+//! one core with no hop. UDP datagrams from one address always arrive at the same core's socket,
+//! which cannot be changed; that core forwards them to the address's shard ([`ShardMsg::Datagram`])
+//! once the address has logged in, and the shard answers through its own socket on the same port.
+
+mod login;
+mod route;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use imedge_protocol::message::payload::{ErrorResponse, LoginRequest, ERROR_NOT_LOGGED_IN};
+use imedge_protocol::qos::{QosEvent, QosReceiver, QosReceiverConfig, QosSender, QosSenderConfig};
+use imedge_protocol::session::Transport;
+use imedge_protocol::{Decoder, Fingerprint, Kind, Message, UserId};
+
+use crate::hooks::{Api, Command, ServerEvents, SessionInfo};
+use crate::timer::{TimerKey, TimerWheel};
+
+/// Index of a core (and of its shard).
+pub type CoreId = u16;
+
+/// The core whose shard holds `uid`'s sessions: a fixed hash (FNV-1a) of the uid, so every core
+/// computes the same answer without asking anyone.
+pub fn shard_for(uid: &str, cores: usize) -> CoreId {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in uid.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let cores = cores.max(1) as u64;
+    // `hash % cores` < cores ≤ u16::MAX + 1 since the core count is a u16-sized number.
+    u16::try_from(hash % cores).unwrap_or(0)
+}
+
+/// A TCP or WebSocket connection on this core, as the event loop names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Where a session's messages go: a connection of this core, or a UDP client address (answered
+/// from this core's UDP socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A TCP or WebSocket connection.
+    Conn(ConnId),
+    /// A UDP client.
+    Udp(SocketAddr),
+}
+
+/// The time, as the loop read it once for this turn.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Monotonic time, for timers.
+    pub mono: Instant,
+    /// Wall-clock time in epoch milliseconds, for `firstLoginTime` and `sm`.
+    pub epoch_ms: i64,
+}
+
+/// Per-shard settings.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// This shard's core.
+    pub core: CoreId,
+    /// Number of cores (shards).
+    pub cores: usize,
+    /// Read-idle timeout of TCP connections (SPEC §6.3).
+    pub tcp_idle: Duration,
+    /// Read-idle timeout of UDP sessions.
+    pub udp_idle: Duration,
+    /// Read-idle timeout of WebSocket connections.
+    pub ws_idle: Duration,
+    /// Write the server clock into `sm` of every packet the server sends (SPEC §2).
+    pub server_timestamps: bool,
+    /// Resend schedule of server-sent QoS messages (SPEC §8.4).
+    pub qos: QosSenderConfig,
+    /// De-duplication window of C2S and C2C fingerprints (SPEC §8.5).
+    pub dedup: QosReceiverConfig,
+}
+
+impl ShardConfig {
+    /// The reference server's defaults for a shard `core` of `cores`.
+    pub fn new(core: CoreId, cores: usize) -> Self {
+        Self {
+            core,
+            cores,
+            tcp_idle: Transport::Tcp.default_server_idle_timeout(),
+            udp_idle: Transport::Udp.default_server_idle_timeout(),
+            ws_idle: Transport::Ws.default_server_idle_timeout(),
+            server_timestamps: false,
+            qos: QosSenderConfig::SERVER,
+            dedup: QosReceiverConfig::default(),
+        }
+    }
+
+    fn idle(&self, transport: Transport) -> Duration {
+        match transport {
+            Transport::Tcp => self.tcp_idle,
+            Transport::Udp => self.udp_idle,
+            Transport::Ws => self.ws_idle,
+        }
+    }
+}
+
+/// How the shard acts on the world; implemented by the event loop (and by tests).
+pub trait Outbox {
+    /// Queues `msg` for `to`, framed for its transport.
+    fn send(&mut self, to: Endpoint, msg: &Message<'_>);
+    /// Queues a message that is already encoded (a relay or a resend).
+    fn send_json(&mut self, to: Endpoint, json: &Bytes);
+    /// Closes a connection once what is queued for it is written (WebSocket: after close
+    /// 1000 "Bye"). Its [`Shard::on_closed`] follows.
+    fn close(&mut self, conn: ConnId);
+    /// Moves a connection to `core`, whose shard receives it with [`Shard::on_adopted`]. The
+    /// shard here has already forgotten it.
+    fn migrate(&mut self, conn: ConnId, core: CoreId, login: Adopt);
+    /// Mail for the shard of `core` ([`Shard::on_mail`]).
+    fn mail(&mut self, core: CoreId, msg: ShardMsg);
+}
+
+/// A verified login travelling with its connection or datagram to the user's shard.
+#[derive(Debug, Clone)]
+pub struct Adopt {
+    /// The login document (verify already passed).
+    pub login: LoginRequest<'static>,
+    /// The transport of the session.
+    pub transport: Transport,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// UDP: the core whose socket receives the client's datagrams.
+    pub via: CoreId,
+}
+
+/// Mail between shards.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// A datagram from a UDP client whose session lives on the receiving shard.
+    Datagram {
+        /// Client address.
+        from: SocketAddr,
+        /// The datagram as received.
+        bytes: BytesMut,
+        /// The core whose socket received it.
+        via: CoreId,
+    },
+    /// A verified UDP login to register on the receiving shard.
+    UdpLogin(Adopt),
+    /// Datagrams from `addr` are now for the shard of `core` (this core: handle them here).
+    UdpRoute {
+        /// Client address.
+        addr: SocketAddr,
+        /// The shard that holds the address's session.
+        core: CoreId,
+    },
+    /// The UDP session of `addr` ended: datagrams from it are no longer forwarded.
+    UdpReleased {
+        /// Client address.
+        addr: SocketAddr,
+    },
+    /// Deliver an encoded message to a user of the receiving shard.
+    Deliver(route::Delivery),
+    /// The outcome of a [`ShardMsg::Deliver`], back to the sender's shard.
+    Delivered(route::Receipt),
+    /// A [`Command`] for a user of the receiving shard.
+    Command(Command),
+}
+
+/// Why a timer was set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// Check whether the session has been silent for its idle timeout.
+    Idle(Endpoint),
+}
+
+/// One session: a TCP or WebSocket connection on this core (logged in or not), or a logged-in
+/// UDP client.
+#[derive(Debug)]
+struct Session {
+    transport: Transport,
+    peer: SocketAddr,
+    /// Set once logged in.
+    uid: Option<UserId<'static>>,
+    /// The `firstLoginTime` this session was registered with (duplicate-login rules, §5.3).
+    first_login_time: i64,
+    /// Last time anything was received (any frame resets the idle timeout, SPEC §1.1).
+    last_rx: Instant,
+    /// The idle check in the wheel.
+    idle_timer: TimerKey,
+    /// Set when the session is being closed by a kickout (passed to `on_logout`).
+    kickout_code: Option<i32>,
+    /// UDP: the core whose socket receives this client's datagrams (replies go out from ours).
+    via: CoreId,
+}
+
+/// Per-shard counters, merged by the reporter.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages decoded from clients.
+    pub messages_in: u64,
+    /// Successful logins.
+    pub logins: u64,
+    /// Logins refused by verify.
+    pub logins_refused: u64,
+    /// Messages relayed to an online recipient (C2C and S2C).
+    pub delivered: u64,
+    /// Messages for recipients that were not online.
+    pub offline: u64,
+    /// Server QoS messages resent.
+    pub resent: u64,
+    /// Server QoS messages reported lost.
+    pub lost: u64,
+    /// Inputs that failed to decode.
+    pub malformed: u64,
+}
+
+/// A resend-table entry: what to send again, to whom.
+#[derive(Debug, Clone)]
+struct Pending {
+    to: UserId<'static>,
+    fp: Fingerprint<'static>,
+    json: Bytes,
+}
+
+/// The shard of one core.
+pub struct Shard {
+    config: ShardConfig,
+    hooks: Arc<dyn ServerEvents>,
+    decoder: Decoder,
+    timers: TimerWheel<Timer>,
+    sessions: HashMap<Endpoint, Session>,
+    /// uid → its current session (last login wins, SPEC §5.2).
+    online: HashMap<UserId<'static>, Endpoint>,
+    /// UDP clients that reach this core's socket but whose sessions live on another shard.
+    udp_routes: HashMap<SocketAddr, CoreId>,
+    /// Server-sent QoS messages waiting for their ACK, keyed by recipient and fingerprint.
+    resend: QosSender<Pending>,
+    /// C2S fingerprints already handled, keyed by sender and fingerprint (SPEC §8.5).
+    dedup: QosReceiver,
+    /// C2C fingerprints already delivered or stored, keyed by sender and fingerprint (hazard R2).
+    c2c_done: QosReceiver,
+    /// Source of S2C fingerprints: this core's id and a counter.
+    next_fp: u64,
+    /// The core that received the UDP datagram being handled (set by `on_udp`).
+    udp_via: CoreId,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("core", &self.config.core)
+            .field("sessions", &self.sessions.len())
+            .field("online", &self.online.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Key of the resend and dedup tables: fingerprints are chosen by clients, so they are only
+/// unique per user (hazard S3: an ACK clears only messages addressed to the user who sends it).
+fn qos_key(uid: &str, fp: &str) -> String {
+    let mut key = String::with_capacity(uid.len() + 1 + fp.len());
+    key.push_str(uid);
+    key.push('\n');
+    key.push_str(fp);
+    key
+}
+
+impl Shard {
+    /// A shard with no sessions.
+    pub fn new(config: ShardConfig, hooks: Arc<dyn ServerEvents>, now: Instant) -> Self {
+        let core = config.core;
+        Self {
+            resend: QosSender::new(config.qos, now),
+            dedup: QosReceiver::new(config.dedup, now),
+            c2c_done: QosReceiver::new(config.dedup, now),
+            config,
+            hooks,
+            decoder: Decoder::new(),
+            timers: TimerWheel::new(now),
+            sessions: HashMap::new(),
+            online: HashMap::new(),
+            udp_routes: HashMap::new(),
+            next_fp: 0,
+            udp_via: core,
+            stats: Stats::default(),
+        }
+    }
+
+    /// This shard's counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Number of logged-in users whose session is on this shard.
+    pub fn online_users(&self) -> usize {
+        self.online.len()
+    }
+
+    /// Whether `uid` is logged in on this shard.
+    pub fn is_online(&self, uid: &str) -> bool {
+        self.online.contains_key(uid)
+    }
+
+    /// A TCP or WebSocket connection was accepted on this core.
+    pub fn on_open(&mut self, now: Now, conn: ConnId, transport: Transport, peer: SocketAddr) {
+        self.add_session(now, Endpoint::Conn(conn), transport, peer);
+    }
+
+    /// A connection migrated here after a verified login ([`Outbox::migrate`] on another core).
+    pub fn on_adopted(&mut self, now: Now, conn: ConnId, adopt: Adopt, out: &mut dyn Outbox) {
+        let endpoint = Endpoint::Conn(conn);
+        self.add_session(now, endpoint, adopt.transport, adopt.peer);
+        self.register(now, endpoint, adopt.login, out);
+    }
+
+    /// One message body from a connection of this core (a TCP frame or WebSocket text message).
+    /// It is decoded in place.
+    pub fn on_frame(&mut self, now: Now, conn: ConnId, body: &mut [u8], out: &mut dyn Outbox) {
+        let endpoint = Endpoint::Conn(conn);
+        let Some(session) = self.sessions.get_mut(&endpoint) else {
+            return;
+        };
+        session.last_rx = now.mono;
+        match self.decoder.decode(body) {
+            Ok(msg) => {
+                self.stats.messages_in += 1;
+                self.on_message(now, endpoint, &msg, out);
+            }
+            Err(error) => {
+                // The reference closes the session without a reply (SPEC §2.2).
+                self.stats.malformed += 1;
+                tracing::debug!(?conn, %error, "malformed message, closing");
+                out.close(conn);
+            }
+        }
+    }
+
+    /// A frame-level error on a connection (oversize, bad WebSocket frame): the loop closes it.
+    pub fn on_frame_error(&mut self) {
+        self.stats.malformed += 1;
+    }
+
+    /// One datagram received by this core's UDP socket.
+    pub fn on_datagram(
+        &mut self,
+        now: Now,
+        from: SocketAddr,
+        mut bytes: BytesMut,
+        out: &mut dyn Outbox,
+    ) {
+        if let Some(&core) = self.udp_routes.get(&from) {
+            let via = self.config.core;
+            out.mail(core, ShardMsg::Datagram { from, bytes, via });
+            return;
+        }
+        self.on_udp(now, from, self.config.core, &mut bytes, out);
+    }
+
+    /// A datagram is too large for the configured limit: like the reference (which truncated
+    /// it and failed to parse it), the client's session is dropped.
+    pub fn on_oversize_datagram(&mut self, now: Now, from: SocketAddr, out: &mut dyn Outbox) {
+        self.stats.malformed += 1;
+        if let Some(&core) = self.udp_routes.get(&from) {
+            // Forward an empty datagram: it fails to decode there and ends the session.
+            let via = self.config.core;
+            out.mail(
+                core,
+                ShardMsg::Datagram {
+                    from,
+                    bytes: BytesMut::new(),
+                    via,
+                },
+            );
+            return;
+        }
+        self.end_session(now, Endpoint::Udp(from), out);
+    }
+
+    /// A datagram for this shard; `via` is the core whose socket received it.
+    fn on_udp(
+        &mut self,
+        now: Now,
+        from: SocketAddr,
+        via: CoreId,
+        bytes: &mut [u8],
+        out: &mut dyn Outbox,
+    ) {
+        let endpoint = Endpoint::Udp(from);
+        if let Some(session) = self.sessions.get_mut(&endpoint) {
+            session.last_rx = now.mono;
+            session.via = via;
+        }
+        self.udp_via = via;
+        match self.decoder.decode(bytes) {
+            Ok(msg) => {
+                self.stats.messages_in += 1;
+                self.on_message(now, endpoint, &msg, out);
+            }
+            Err(error) => {
+                self.stats.malformed += 1;
+                tracing::debug!(%from, %error, "malformed datagram, dropping the session");
+                self.end_session(now, endpoint, out);
+            }
+        }
+    }
+
+    /// A connection of this core was closed (by the peer, an error, or [`Outbox::close`]).
+    pub fn on_closed(&mut self, now: Now, conn: ConnId, out: &mut dyn Outbox) {
+        self.end_session(now, Endpoint::Conn(conn), out);
+    }
+
+    /// Mail from another shard.
+    pub fn on_mail(&mut self, now: Now, msg: ShardMsg, out: &mut dyn Outbox) {
+        match msg {
+            ShardMsg::Datagram {
+                from,
+                mut bytes,
+                via,
+            } => self.on_udp(now, from, via, &mut bytes, out),
+            ShardMsg::UdpLogin(adopt) => {
+                let endpoint = Endpoint::Udp(adopt.peer);
+                self.udp_via = adopt.via;
+                self.register(now, endpoint, adopt.login, out);
+            }
+            ShardMsg::UdpRoute { addr, core } => {
+                if core == self.config.core {
+                    self.udp_routes.remove(&addr);
+                } else {
+                    self.udp_routes.insert(addr, core);
+                }
+            }
+            ShardMsg::UdpReleased { addr } => {
+                self.udp_routes.remove(&addr);
+            }
+            ShardMsg::Deliver(delivery) => self.deliver(now, delivery, out),
+            ShardMsg::Delivered(receipt) => self.on_receipt(now, receipt, out),
+            ShardMsg::Command(command) => self.run_command(now, command, out),
+        }
+    }
+
+    /// Runs a request of the server application (S2C send, kick) for a user of any shard.
+    pub fn command(&mut self, now: Now, command: Command, out: &mut dyn Outbox) {
+        let uid = match &command {
+            Command::Send { to, .. } => to,
+            Command::Kick { uid, .. } => uid,
+        };
+        let core = shard_for(uid.as_str(), self.config.cores);
+        if core == self.config.core {
+            self.run_command(now, command, out);
+        } else {
+            out.mail(core, ShardMsg::Command(command));
+        }
+    }
+
+    /// When [`Self::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.timers.next_expiry(),
+            self.resend.poll_timeout(),
+            self.dedup.poll_timeout(),
+            self.c2c_done.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Runs the timers due at `now`: idle expiry, QoS resends, the dedup sweep.
+    pub fn handle_timeout(&mut self, now: Now, out: &mut dyn Outbox) {
+        while let Some(timer) = self.timers.poll(now.mono) {
+            match timer {
+                Timer::Idle(endpoint) => self.check_idle(now, endpoint, out),
+            }
+        }
+        self.dedup.handle_timeout(now.mono);
+        self.c2c_done.handle_timeout(now.mono);
+        self.resend.handle_timeout(now.mono);
+        while let Some(event) = self.resend.poll_event() {
+            match event {
+                QosEvent::Resend { item, .. } => {
+                    // At most one resend, to whatever session the user has now (SPEC §8.4).
+                    if let Some(&endpoint) = self.online.get(&item.to) {
+                        self.stats.resent += 1;
+                        out.send_json(endpoint, &item.json);
+                    }
+                }
+                QosEvent::Lost { item, .. } => {
+                    self.stats.lost += 1;
+                    self.hooks
+                        .on_s2c_lost(item.to.as_str(), item.fp.as_str(), &item.json);
+                }
+            }
+        }
+    }
+
+    fn add_session(
+        &mut self,
+        now: Now,
+        endpoint: Endpoint,
+        transport: Transport,
+        peer: SocketAddr,
+    ) {
+        let idle_timer = self.timers.insert(
+            now.mono + self.config.idle(transport),
+            Timer::Idle(endpoint),
+        );
+        let previous = self.sessions.insert(
+            endpoint,
+            Session {
+                transport,
+                peer,
+                uid: None,
+                first_login_time: 0,
+                last_rx: now.mono,
+                idle_timer,
+                kickout_code: None,
+                via: self.config.core,
+            },
+        );
+        if let Some(previous) = previous {
+            self.timers.cancel(previous.idle_timer);
+        }
+    }
+
+    fn check_idle(&mut self, now: Now, endpoint: Endpoint, out: &mut dyn Outbox) {
+        let Some(session) = self.sessions.get_mut(&endpoint) else {
+            return;
+        };
+        let deadline = session.last_rx + self.config.idle(session.transport);
+        if deadline > now.mono {
+            // Something arrived since the timer was set: check again at the new deadline.
+            session.idle_timer = self.timers.insert(deadline, Timer::Idle(endpoint));
+            return;
+        }
+        tracing::debug!(?endpoint, "idle timeout");
+        match endpoint {
+            Endpoint::Conn(conn) => out.close(conn),
+            Endpoint::Udp(_) => self.end_session(now, endpoint, out),
+        }
+    }
+
+    /// Forgets a session: unregisters its uid if it is still the user's current session
+    /// (calling `on_logout`), and stops its timer (SPEC §5.5).
+    fn end_session(&mut self, _now: Now, endpoint: Endpoint, out: &mut dyn Outbox) {
+        let Some(session) = self.sessions.remove(&endpoint) else {
+            return;
+        };
+        self.timers.cancel(session.idle_timer);
+        if let Some(uid) = &session.uid {
+            self.logout_uid(uid, endpoint, &session);
+        }
+        if let Endpoint::Udp(addr) = endpoint {
+            self.release_udp_route(addr, session.via, out);
+        }
+    }
+
+    /// Removes `uid` from the online table if `endpoint` is its current session.
+    fn logout_uid(&mut self, uid: &UserId<'static>, endpoint: Endpoint, session: &Session) {
+        if self.online.get(uid) == Some(&endpoint) {
+            self.online.remove(uid);
+            self.hooks.on_logout(
+                SessionInfo {
+                    uid: uid.as_str(),
+                    transport: session.transport,
+                    peer: session.peer,
+                },
+                session.kickout_code,
+            );
+        }
+    }
+
+    /// Tells the core that receives `addr`'s datagrams to stop forwarding them here.
+    fn release_udp_route(&self, addr: SocketAddr, via: CoreId, out: &mut dyn Outbox) {
+        if via != self.config.core {
+            out.mail(via, ShardMsg::UdpReleased { addr });
+        }
+    }
+
+    fn info(&self, endpoint: Endpoint) -> Option<(UserId<'static>, Transport, SocketAddr)> {
+        let session = self.sessions.get(&endpoint)?;
+        Some((session.uid.clone()?, session.transport, session.peer))
+    }
+
+    /// Dispatch by type; `endpoint` has a session unless it is an unauthenticated UDP client.
+    fn on_message(
+        &mut self,
+        now: Now,
+        endpoint: Endpoint,
+        msg: &Message<'_>,
+        out: &mut dyn Outbox,
+    ) {
+        let logged_in = self.info(endpoint);
+        match (msg.kind, logged_in) {
+            (Kind::Login, _) => self.on_login(now, endpoint, msg, out),
+            (Kind::Echo, _) => {
+                // SPEC §4.7: type 53 with everything else unchanged; no login needed. Not put in
+                // the resend queue even with QoS (hazard R9).
+                let reply = msg.clone().echo_response();
+                self.send(now, endpoint, reply, out);
+            }
+            (Kind::Logout, Some((uid, ..))) => {
+                tracing::debug!(uid = uid.as_str(), "logout");
+                self.close_session(now, endpoint, out);
+            }
+            (Kind::Logout, None) => self.close_session(now, endpoint, out),
+            (Kind::KeepAlive, Some((uid, ..))) => {
+                // Answered on this session, not through the online table (hazard R7).
+                self.send(now, endpoint, Message::keep_alive_response(uid), out);
+            }
+            (Kind::CommonData, Some((uid, transport, peer))) => {
+                self.on_data(now, endpoint, (uid, transport, peer), msg, out)
+            }
+            (Kind::Ack, Some((uid, ..))) => self.on_ack(uid, msg),
+            (Kind::KeepAlive | Kind::CommonData | Kind::Ack, None) => {
+                self.reply_not_logged_in(now, endpoint, msg, out)
+            }
+            // Any other type is ignored, session kept (SPEC §3).
+            _ => {}
+        }
+    }
+
+    /// Error 301 carrying the offending message, then close TCP/WS (SPEC §9).
+    fn reply_not_logged_in(
+        &mut self,
+        now: Now,
+        endpoint: Endpoint,
+        msg: &Message<'_>,
+        out: &mut dyn Outbox,
+    ) {
+        let json = msg.to_json();
+        let text = String::from_utf8_lossy(&json);
+        let reply = Message::error(ErrorResponse {
+            code: ERROR_NOT_LOGGED_IN,
+            message: Some(text),
+        });
+        self.send(now, endpoint, reply, out);
+        if let Endpoint::Conn(conn) = endpoint {
+            out.close(conn);
+        }
+    }
+
+    /// Closes a session on request (logout, refused login…): TCP/WS connections are closed
+    /// (their `on_closed` cleans up), a UDP session is dropped silently.
+    fn close_session(&mut self, now: Now, endpoint: Endpoint, out: &mut dyn Outbox) {
+        match endpoint {
+            Endpoint::Conn(conn) => out.close(conn),
+            Endpoint::Udp(_) => self.end_session(now, endpoint, out),
+        }
+    }
+
+    /// Sends a server-made message, stamping `sm` when server timestamps are on.
+    fn send(&self, now: Now, endpoint: Endpoint, mut msg: Message<'_>, out: &mut dyn Outbox) {
+        if self.config.server_timestamps {
+            msg.sm = now.epoch_ms;
+        }
+        out.send(endpoint, &msg);
+    }
+
+    fn on_ack(&mut self, uid: UserId<'static>, msg: &Message<'_>) {
+        let Some(fp) = msg.text() else {
+            return;
+        };
+        if self.resend.handle_ack(&qos_key(uid.as_str(), fp)).is_some() {
+            self.hooks.on_s2c_delivered(uid.as_str(), fp);
+        }
+    }
+
+    fn run_hook_commands(&mut self, now: Now, api: Api, out: &mut dyn Outbox) {
+        for command in api.commands {
+            self.command(now, command, out);
+        }
+    }
+
+    fn run_command(&mut self, now: Now, command: Command, out: &mut dyn Outbox) {
+        match command {
+            Command::Send {
+                to,
+                text,
+                typeu,
+                qos,
+            } => {
+                let fp = qos.then(|| self.new_fingerprint());
+                let mut msg = Message::data(UserId::SERVER, to.clone(), text, fp.clone());
+                msg.typeu = typeu;
+                if self.config.server_timestamps {
+                    msg.sm = now.epoch_ms;
+                }
+                let json = Bytes::from(msg.to_json());
+                self.deliver(
+                    now,
+                    route::Delivery {
+                        from: UserId::SERVER,
+                        to: Some(to),
+                        fp,
+                        qos,
+                        bridge: false,
+                        json,
+                        reply_to: None,
+                    },
+                    out,
+                );
+            }
+            Command::Kick { uid, code, reason } => self.kick(now, &uid, code, reason, out),
+        }
+    }
+
+    /// A fingerprint for a server-sent message: unique per core and process run.
+    fn new_fingerprint(&mut self) -> Fingerprint<'static> {
+        self.next_fp += 1;
+        Fingerprint::from(format!(
+            "imedge-{}-{}-{}",
+            std::process::id(),
+            self.config.core,
+            self.next_fp
+        ))
+    }
+
+    /// Kicks `uid`'s current session with a kickout message: TCP/WS are closed after it is
+    /// written; a UDP session is logged out (hazard S5: the reference left it authenticated).
+    fn kick(
+        &mut self,
+        now: Now,
+        uid: &UserId<'static>,
+        code: i32,
+        reason: Option<String>,
+        out: &mut dyn Outbox,
+    ) {
+        let Some(&endpoint) = self.online.get(uid) else {
+            return;
+        };
+        self.kick_session(now, endpoint, code, reason, out);
+    }
+
+    fn kick_session(
+        &mut self,
+        now: Now,
+        endpoint: Endpoint,
+        code: i32,
+        reason: Option<String>,
+        out: &mut dyn Outbox,
+    ) {
+        let Some(session) = self.sessions.get_mut(&endpoint) else {
+            return;
+        };
+        session.kickout_code = Some(code);
+        let uid = session.uid.clone().unwrap_or(UserId::UNKNOWN);
+        let kickout = imedge_protocol::message::payload::Kickout {
+            code,
+            reason: reason.map(Into::into),
+        };
+        self.send(now, endpoint, Message::kickout(uid, kickout), out);
+        self.close_session(now, endpoint, out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+//! Data messages: C2S to the application, C2C to another user on any shard, S2C from the
+//! application, and the server's QoS around them (SPEC §7, §8).
+//!
+//! Differences from the reference, closing documented hazards:
+//! * S1 — `from` of C2S and C2C is overwritten with the session's uid.
+//! * R2 — C2C is de-duplicated by (sender, fingerprint): a resend of a message already delivered
+//!   (or stored) is ACKed again but not forwarded again.
+//! * S3 — server resend entries are keyed by (recipient, fingerprint): an ACK clears only
+//!   messages addressed to the user who sends it.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use imedge_protocol::qos::Seen;
+use imedge_protocol::session::Transport;
+use imedge_protocol::{Fingerprint, Message, UserId};
+
+use super::{qos_key, shard_for, CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg};
+use crate::hooks::{Api, SessionInfo, Undelivered};
+
+/// An encoded message on its way to its recipient's shard.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Sender (`"0"` for S2C).
+    pub from: UserId<'static>,
+    /// Recipient; `None` when the message had no `to` (treated as offline, SPEC §2.2).
+    pub to: Option<UserId<'static>>,
+    /// Fingerprint.
+    pub fp: Option<Fingerprint<'static>>,
+    /// Whether the message asks for QoS (and has a fingerprint).
+    pub qos: bool,
+    /// `bridge` of the message, copied into its ACKs.
+    pub bridge: bool,
+    /// The message as it goes to the recipient.
+    pub json: Bytes,
+    /// The sender's shard, which wants a [`Receipt`] (C2C QoS only).
+    pub reply_to: Option<CoreId>,
+}
+
+/// What became of a [`Delivery`], for the sender's substitute ACK (SPEC §7.2 steps 4–5).
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    /// Sender.
+    pub from: UserId<'static>,
+    /// Recipient.
+    pub to: Option<UserId<'static>>,
+    /// Fingerprint.
+    pub fp: Fingerprint<'static>,
+    /// `bridge` of the message.
+    pub bridge: bool,
+    /// Outcome.
+    pub outcome: Outcome,
+}
+
+/// The outcome of a delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written to the recipient's session.
+    Delivered,
+    /// The recipient was offline and the offline hook stored the message.
+    Stored,
+    /// The recipient was offline and nothing stored it: the sender gets no ACK.
+    Offline,
+}
+
+impl Shard {
+    /// Type 2 from a logged-in session.
+    pub(super) fn on_data(
+        &mut self,
+        now: Now,
+        endpoint: Endpoint,
+        (uid, transport, peer): (UserId<'static>, Transport, SocketAddr),
+        received: &Message<'_>,
+        out: &mut dyn Outbox,
+    ) {
+        let mut msg = received.clone();
+        msg.from = Some(uid.borrowed());
+        let info = SessionInfo {
+            uid: uid.as_str(),
+            transport,
+            peer,
+        };
+        let fp = msg.fp.clone().filter(|_| msg.qos);
+        if msg.is_c2s() {
+            // SPEC §7.1.
+            if !self.hooks.on_c2s_before(&msg, info) {
+                return;
+            }
+            if let Some(fp) = &fp {
+                let seen = self
+                    .dedup
+                    .handle_message(now.mono, &qos_key(uid.as_str(), fp.as_str()));
+                let ack = Message::ack(UserId::SERVER, uid.borrowed(), fp.borrowed(), msg.bridge);
+                self.send(now, endpoint, ack, out);
+                if seen == Seen::Duplicate {
+                    return;
+                }
+            }
+            let mut api = Api::default();
+            self.hooks.on_c2s(&msg, info, &mut api);
+            self.run_hook_commands(now, api, out);
+            return;
+        }
+
+        // SPEC §7.2.
+        if !self.hooks.on_c2c_before(&msg, info) {
+            return;
+        }
+        if let Some(fp) = &fp {
+            if self.c2c_done.contains(&qos_key(uid.as_str(), fp.as_str())) {
+                // Already delivered or stored: ACK the resend again, do not forward it twice.
+                let to = msg.to.clone().unwrap_or(UserId::UNKNOWN);
+                let ack = Message::ack(to, uid.borrowed(), fp.borrowed(), msg.bridge);
+                self.send(now, endpoint, ack, out);
+                return;
+            }
+        }
+        if self.config.server_timestamps {
+            msg.sm = now.epoch_ms;
+        }
+        let delivery = Delivery {
+            from: uid.clone(),
+            to: msg.to.clone().map(UserId::into_owned),
+            fp: fp.map(Fingerprint::into_owned),
+            qos: msg.qos && msg.fp.is_some(),
+            bridge: msg.bridge,
+            json: Bytes::from(msg.to_json()),
+            reply_to: Some(self.config.core),
+        };
+        let target = delivery.to.as_ref().map_or(self.config.core, |to| {
+            shard_for(to.as_str(), self.config.cores)
+        });
+        if target == self.config.core {
+            self.deliver(now, delivery, out);
+        } else {
+            out.mail(target, ShardMsg::Deliver(delivery));
+        }
+    }
+
+    /// Writes a message to its recipient, a user of this shard (C2C second half, S2C).
+    pub(super) fn deliver(&mut self, now: Now, delivery: Delivery, out: &mut dyn Outbox) {
+        let endpoint = delivery
+            .to
+            .as_ref()
+            .and_then(|to| self.online.get(to))
+            .copied();
+        let outcome = match (endpoint, &delivery.to) {
+            (Some(endpoint), Some(to)) => {
+                out.send_json(endpoint, &delivery.json);
+                self.stats.delivered += 1;
+                if let (true, Some(fp)) = (delivery.qos, &delivery.fp) {
+                    let pending = Pending {
+                        to: to.clone(),
+                        fp: fp.clone(),
+                        json: delivery.json.clone(),
+                    };
+                    let key = Fingerprint::from(qos_key(to.as_str(), fp.as_str()));
+                    if self.resend.insert(now.mono, key, pending).is_err() {
+                        tracing::warn!("server resend table full; message sent without resends");
+                    }
+                }
+                if !delivery.from.is_server() {
+                    let fp = delivery.fp.as_ref().map(Fingerprint::as_str);
+                    self.hooks
+                        .on_c2c_after(delivery.from.as_str(), to.as_str(), fp);
+                }
+                Outcome::Delivered
+            }
+            _ => {
+                self.stats.offline += 1;
+                let stored = self.hooks.on_offline(Undelivered {
+                    from: delivery.from.as_str(),
+                    to: delivery.to.as_ref().map(UserId::as_str),
+                    fp: delivery.fp.as_ref().map(Fingerprint::as_str),
+                    json: &delivery.json,
+                });
+                if stored {
+                    Outcome::Stored
+                } else {
+                    Outcome::Offline
+                }
+            }
+        };
+        let (Some(core), true, Some(fp)) = (delivery.reply_to, delivery.qos, delivery.fp) else {
+            return;
+        };
+        let receipt = Receipt {
+            from: delivery.from,
+            to: delivery.to,
+            fp,
+            bridge: delivery.bridge,
+            outcome,
+        };
+        if core == self.config.core {
+            self.on_receipt(now, receipt, out);
+        } else {
+            out.mail(core, ShardMsg::Delivered(receipt));
+        }
+    }
+
+    /// The sender's shard learns what became of its C2C QoS message: delivered or stored →
+    /// the substitute ACK (`from` = recipient), and resends of it are no longer forwarded.
+    pub(super) fn on_receipt(&mut self, now: Now, receipt: Receipt, out: &mut dyn Outbox) {
+        if receipt.outcome == Outcome::Offline {
+            // As the reference demo: no ACK; the sender's QoS retries and reports it lost.
+            return;
+        }
+        let key = qos_key(receipt.from.as_str(), receipt.fp.as_str());
+        self.c2c_done.handle_message(now.mono, &key);
+        let Some(&endpoint) = self.online.get(&receipt.from) else {
+            return;
+        };
+        let to = receipt.to.unwrap_or(UserId::UNKNOWN);
+        let ack = Message::ack(to, receipt.from, receipt.fp, receipt.bridge);
+        self.send(now, endpoint, ack, out);
+    }
+}

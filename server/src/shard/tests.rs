@@ -1,0 +1,619 @@
+//! The shard on a virtual clock: a world of shards wired by in-memory mail, whose outboxes
+//! record what would be written. No sockets: this is the sans-IO logic the event loop runs.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use imedge_protocol::message::payload::{LoginRequest, LoginResponse};
+use imedge_protocol::{Decoder, Kind};
+
+use super::*;
+use crate::hooks::{ServerEvents, TokenTable, Undelivered};
+
+/// What an outbox was asked to do.
+#[derive(Debug)]
+enum Action {
+    Send(Endpoint, String),
+    Close(ConnId),
+    Migrate(ConnId, CoreId, Adopt),
+    Mail(CoreId, ShardMsg),
+}
+
+#[derive(Debug, Default)]
+struct Recorder(Vec<Action>);
+
+impl Outbox for Recorder {
+    fn send(&mut self, to: Endpoint, msg: &Message<'_>) {
+        self.0
+            .push(Action::Send(to, String::from_utf8(msg.to_json()).unwrap()));
+    }
+    fn send_json(&mut self, to: Endpoint, json: &Bytes) {
+        self.0
+            .push(Action::Send(to, String::from_utf8(json.to_vec()).unwrap()));
+    }
+    fn close(&mut self, conn: ConnId) {
+        self.0.push(Action::Close(conn));
+    }
+    fn migrate(&mut self, conn: ConnId, core: CoreId, login: Adopt) {
+        self.0.push(Action::Migrate(conn, core, login));
+    }
+    fn mail(&mut self, core: CoreId, msg: ShardMsg) {
+        self.0.push(Action::Mail(core, msg));
+    }
+}
+
+/// Hooks that count calls and can store offline messages.
+#[derive(Default)]
+struct Probe {
+    verifies: AtomicUsize,
+    c2s: AtomicUsize,
+    logouts: Mutex<Vec<(String, Option<i32>)>>,
+    lost: Mutex<Vec<String>>,
+    store_offline: bool,
+    stored: Mutex<Vec<String>>,
+}
+
+impl ServerEvents for Probe {
+    fn verify(&self, _login: &LoginRequest<'_>, _session: SessionInfo<'_>) -> i32 {
+        self.verifies.fetch_add(1, Ordering::SeqCst);
+        0
+    }
+    fn on_logout(&self, session: SessionInfo<'_>, kickout_code: Option<i32>) {
+        self.logouts
+            .lock()
+            .unwrap()
+            .push((session.uid.to_owned(), kickout_code));
+    }
+    fn on_c2s(&self, _msg: &Message<'_>, _session: SessionInfo<'_>, _api: &mut Api) {
+        self.c2s.fetch_add(1, Ordering::SeqCst);
+    }
+    fn on_offline(&self, msg: Undelivered<'_>) -> bool {
+        if self.store_offline {
+            self.stored
+                .lock()
+                .unwrap()
+                .push(String::from_utf8(msg.json.to_vec()).unwrap());
+        }
+        self.store_offline
+    }
+    fn on_s2c_lost(&self, to: &str, _fp: &str, _json: &[u8]) {
+        self.lost.lock().unwrap().push(to.to_owned());
+    }
+}
+
+/// A set of shards and the connections on them.
+struct World {
+    shards: Vec<Shard>,
+    /// Every send, in order, with the core it went out from.
+    sent: Vec<(CoreId, Endpoint, Message<'static>)>,
+    closed: Vec<ConnId>,
+    now: Now,
+    /// Where each connection lives now.
+    conn_core: HashMap<ConnId, CoreId>,
+}
+
+const T0_EPOCH_MS: i64 = 1_795_769_352_000;
+
+fn peer(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl World {
+    fn new(cores: usize, hooks: Arc<dyn ServerEvents>) -> Self {
+        let mono = Instant::now();
+        let shards = (0..cores)
+            .map(|core| {
+                Shard::new(
+                    ShardConfig::new(core as CoreId, cores),
+                    Arc::clone(&hooks),
+                    mono,
+                )
+            })
+            .collect();
+        Self {
+            shards,
+            sent: Vec::new(),
+            closed: Vec::new(),
+            now: Now {
+                mono,
+                epoch_ms: T0_EPOCH_MS,
+            },
+            conn_core: HashMap::new(),
+        }
+    }
+
+    fn open(&mut self, core: CoreId, conn: u64, transport: Transport) -> ConnId {
+        let id = ConnId(conn);
+        self.shards[core as usize].on_open(self.now, id, transport, peer(conn as u16));
+        self.conn_core.insert(id, core);
+        id
+    }
+
+    /// Runs `f` on a shard, then carries out everything it asked for until the world is quiet.
+    fn on(&mut self, core: CoreId, f: impl FnOnce(&mut Shard, Now, &mut Recorder)) {
+        let mut queue = std::collections::VecDeque::new();
+        let mut rec = Recorder::default();
+        f(&mut self.shards[core as usize], self.now, &mut rec);
+        queue.push_back((core, rec));
+        while let Some((core, rec)) = queue.pop_front() {
+            for action in rec.0 {
+                let mut next = Recorder::default();
+                match action {
+                    Action::Send(endpoint, json) => {
+                        let mut body = json.into_bytes();
+                        let msg = Decoder::new().decode(&mut body).unwrap().into_owned();
+                        self.sent.push((core, endpoint, msg));
+                        continue;
+                    }
+                    Action::Close(conn) => {
+                        if self.conn_core.remove(&conn).is_some() {
+                            self.closed.push(conn);
+                            self.shards[core as usize].on_closed(self.now, conn, &mut next);
+                        }
+                    }
+                    Action::Migrate(conn, to, adopt) => {
+                        self.conn_core.insert(conn, to);
+                        self.shards[to as usize].on_adopted(self.now, conn, adopt, &mut next);
+                        queue.push_back((to, next));
+                        continue;
+                    }
+                    Action::Mail(to, msg) => {
+                        self.shards[to as usize].on_mail(self.now, msg, &mut next);
+                        queue.push_back((to, next));
+                        continue;
+                    }
+                }
+                queue.push_back((core, next));
+            }
+        }
+    }
+
+    fn frame(&mut self, conn: ConnId, msg: &Message<'_>) {
+        let core = self.conn_core[&conn];
+        let mut body = msg.to_json();
+        self.on(core, |shard, now, out| {
+            shard.on_frame(now, conn, &mut body, out)
+        });
+    }
+
+    fn datagram(&mut self, core: CoreId, from: SocketAddr, msg: &Message<'_>) {
+        let bytes = BytesMut::from(&msg.to_json()[..]);
+        self.on(core, |shard, now, out| {
+            shard.on_datagram(now, from, bytes, out)
+        });
+    }
+
+    fn advance(&mut self, by: Duration) {
+        let target = self.now.mono + by;
+        // Step through every timer so they fire at their own time, like the event loop would.
+        loop {
+            let next = self.shards.iter().filter_map(Shard::poll_timeout).min();
+            let step = match next {
+                Some(at) if at <= target => at.max(self.now.mono),
+                _ => break,
+            };
+            self.now.epoch_ms += (step - self.now.mono).as_millis() as i64;
+            self.now.mono = step;
+            for core in 0..self.shards.len() {
+                self.on(core as CoreId, |shard, now, out| {
+                    shard.handle_timeout(now, out)
+                });
+            }
+        }
+        self.now.epoch_ms += (target - self.now.mono).as_millis() as i64;
+        self.now.mono = target;
+        for core in 0..self.shards.len() {
+            self.on(core as CoreId, |shard, now, out| {
+                shard.handle_timeout(now, out)
+            });
+        }
+    }
+
+    /// Messages sent to `endpoint` since the last call.
+    fn take(&mut self, endpoint: Endpoint) -> Vec<Message<'static>> {
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            self.sent.drain(..).partition(|(_, e, _)| *e == endpoint);
+        self.sent = rest;
+        mine.into_iter().map(|(_, _, m)| m).collect()
+    }
+
+    fn login(&mut self, conn: ConnId, uid: &str, first_login_time: i64) {
+        self.frame(conn, &login(uid, first_login_time));
+    }
+}
+
+fn login(uid: &str, first_login_time: i64) -> Message<'static> {
+    Message::login(LoginRequest {
+        user_id: UserId::from(uid.to_owned()),
+        token: Some(Cow::Borrowed("tok")),
+        extra: None,
+        first_login_time,
+    })
+}
+
+fn data(from: &str, to: &str, text: &str, fp: Option<&str>) -> Message<'static> {
+    Message::data(
+        UserId::from(from.to_owned()),
+        UserId::from(to.to_owned()),
+        text.to_owned(),
+        fp.map(|f| Fingerprint::from(f.to_owned())),
+    )
+}
+
+fn login_response(msg: &Message<'_>) -> LoginResponse {
+    assert_eq!(msg.kind, Kind::LoginResponse);
+    Decoder::new().login_response(msg.text().unwrap()).unwrap()
+}
+
+/// A uid whose shard is `core` of `cores`.
+fn uid_on(core: CoreId, cores: usize, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| shard_for(u, cores) == core)
+        .unwrap()
+}
+
+fn conn(c: ConnId) -> Endpoint {
+    Endpoint::Conn(c)
+}
+
+#[test]
+fn login_answers_with_server_time_and_keep_alive_is_answered() {
+    let mut w = World::new(1, Arc::new(Probe::default()));
+    let alice = w.open(0, 1, Transport::Tcp);
+    w.login(alice, "alice", 0);
+    let replies = w.take(conn(alice));
+    assert_eq!(replies.len(), 1);
+    assert_eq!(login_response(&replies[0]), LoginResponse::ok(T0_EPOCH_MS));
+    assert_eq!(replies[0].to.as_ref().unwrap(), "alice");
+    assert!(w.shards[0].is_online("alice"));
+
+    w.frame(alice, &Message::keep_alive(UserId::new("alice")));
+    let replies = w.take(conn(alice));
+    assert_eq!(replies[0].kind, Kind::KeepAliveResponse);
+    assert_eq!(replies[0].to.as_ref().unwrap(), "alice");
+
+    // A re-login with a firstLoginTime gets it echoed back (SPEC §4.2).
+    w.login(alice, "alice", 42);
+    assert_eq!(
+        login_response(&w.take(conn(alice))[0]),
+        LoginResponse::ok(42)
+    );
+}
+
+#[test]
+fn unauthenticated_sessions_get_301_and_are_closed() {
+    let mut w = World::new(1, Arc::new(Probe::default()));
+    let c = w.open(0, 1, Transport::Tcp);
+    let ka = Message::keep_alive(UserId::new("alice"));
+    w.frame(c, &ka);
+    let replies = w.take(conn(c));
+    assert_eq!(replies[0].kind, Kind::Error);
+    let err = Decoder::new()
+        .error_response(replies[0].text().unwrap())
+        .unwrap();
+    assert_eq!(err.code, 301);
+    assert_eq!(
+        err.message.as_deref().unwrap().as_bytes(),
+        &ka.to_json()[..]
+    );
+    assert_eq!(w.closed, vec![c]);
+
+    // UDP: 301 too, nothing is closed or kept.
+    w.datagram(0, peer(9), &data("x", "y", "hi", None));
+    let replies = w.take(Endpoint::Udp(peer(9)));
+    assert_eq!(replies[0].kind, Kind::Error);
+    assert!(w.shards[0].sessions.is_empty());
+
+    // Echo needs no login and is answered with type 53, everything else unchanged.
+    let d = w.open(0, 2, Transport::Tcp);
+    let echo = data("a", "b", "ping", Some("fp1")).echo_response();
+    let mut request = echo.clone();
+    request.kind = Kind::Echo;
+    w.frame(d, &request);
+    assert_eq!(w.take(conn(d)), vec![echo]);
+}
+
+#[test]
+fn c2c_relays_with_substitute_ack_and_dedup() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(1, probe.clone());
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Ws);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(a));
+    w.take(conn(b));
+
+    // Spoofed `from` is overwritten with the session's uid (hazard S1).
+    w.frame(a, &data("mallory", "bob", "hi <bob>", Some("fp-1")));
+    let got = w.take(conn(b));
+    assert_eq!(got, vec![data("alice", "bob", "hi <bob>", Some("fp-1"))]);
+    let acks = w.take(conn(a));
+    assert_eq!(acks.len(), 1);
+    assert_eq!((acks[0].kind, acks[0].text()), (Kind::Ack, Some("fp-1")));
+    assert_eq!(acks[0].from.as_ref().unwrap(), "bob");
+    assert_eq!(acks[0].to.as_ref().unwrap(), "alice");
+
+    // The sender's resend is ACKed again but not forwarded again (hazard R2).
+    w.frame(a, &data("alice", "bob", "hi <bob>", Some("fp-1")));
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(w.take(conn(a)).len(), 1);
+
+    // Bob's ACK clears the resend queue: nothing is resent later.
+    let ack = Message::ack(
+        UserId::new("bob"),
+        UserId::new("alice"),
+        Fingerprint::new("fp-1"),
+        false,
+    );
+    w.frame(b, &ack);
+    // Someone else's ACK for the same fp would not have counted (hazard S3) — checked below.
+    w.advance(Duration::from_secs(8));
+    assert!(w.take(conn(b)).is_empty());
+    assert!(probe.lost.lock().unwrap().is_empty());
+
+    // Without QoS: forwarded, no ACK.
+    w.frame(a, &data("alice", "bob", "plain", None));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    assert!(w.take(conn(a)).is_empty());
+}
+
+#[test]
+fn unacknowledged_relay_is_resent_once_then_lost_and_acks_are_owned() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(1, probe.clone());
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", "hi", Some("fp-2")));
+    w.take(conn(a));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    // Alice "ACKs" bob's message: not hers to clear (hazard S3).
+    w.frame(
+        a,
+        &Message::ack(
+            UserId::new("alice"),
+            UserId::new("x"),
+            Fingerprint::new("fp-2"),
+            false,
+        ),
+    );
+    w.advance(Duration::from_millis(5_000));
+    assert_eq!(
+        w.take(conn(b)).len(),
+        1,
+        "one resend at the first tick after the 2 s grace"
+    );
+    w.advance(Duration::from_millis(4_900));
+    assert!(probe.lost.lock().unwrap().is_empty());
+    w.advance(Duration::from_millis(200));
+    assert_eq!(*probe.lost.lock().unwrap(), vec!["bob".to_owned()]);
+    assert!(w.take(conn(b)).is_empty(), "at most one resend");
+}
+
+#[test]
+fn offline_recipient_gets_no_ack_unless_stored() {
+    let mut w = World::new(1, Arc::new(Probe::default()));
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.take(conn(a));
+    w.frame(a, &data("alice", "carol", "hi", Some("fp-3")));
+    assert!(w.take(conn(a)).is_empty());
+
+    let probe = Arc::new(Probe {
+        store_offline: true,
+        ..Probe::default()
+    });
+    let mut w = World::new(1, probe.clone());
+    let a = w.open(0, 1, Transport::Udp);
+    w.login(a, "alice", 0);
+    w.take(conn(a));
+    w.frame(a, &data("alice", "carol", "hi", Some("fp-3")));
+    let acks = w.take(conn(a));
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].from.as_ref().unwrap(), "carol");
+    assert_eq!(probe.stored.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn duplicate_login_kicks_the_old_session_across_transports() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(1, probe.clone());
+    let old = w.open(0, 1, Transport::Tcp);
+    w.login(old, "alice", 0);
+    w.take(conn(old));
+    w.now.epoch_ms += 1000;
+    let new = w.open(0, 2, Transport::Ws);
+    w.login(new, "alice", 0);
+    let kicked = w.take(conn(old));
+    assert_eq!(kicked[0].kind, Kind::Kickout);
+    assert_eq!(
+        Decoder::new()
+            .kickout(kicked[0].text().unwrap())
+            .unwrap()
+            .code,
+        1
+    );
+    assert_eq!(w.closed, vec![old]);
+    assert_eq!(
+        login_response(&w.take(conn(new))[0]),
+        LoginResponse::ok(T0_EPOCH_MS + 1000)
+    );
+    // The replaced session ends without a logout callback: alice is still online.
+    assert!(probe.logouts.lock().unwrap().is_empty());
+    assert!(w.shards[0].is_online("alice"));
+
+    // An older firstLoginTime loses: kickout to the newcomer, no code-0 response first (R4).
+    let late = w.open(0, 3, Transport::Tcp);
+    w.login(late, "alice", T0_EPOCH_MS - 5);
+    let replies = w.take(conn(late));
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].kind, Kind::Kickout);
+    assert!(w.take(conn(new)).is_empty());
+    assert!(w.closed.contains(&late));
+
+    // Logout of the current session calls on_logout.
+    w.frame(new, &Message::logout(UserId::new("alice")));
+    assert_eq!(
+        *probe.logouts.lock().unwrap(),
+        vec![("alice".to_owned(), None)]
+    );
+    assert!(!w.shards[0].is_online("alice"));
+}
+
+#[test]
+fn relogin_as_another_user_is_verified_again() {
+    let table = TokenTable::parse("mallory tok\nalice secret\n").unwrap();
+    let mut w = World::new(1, Arc::new(table));
+    let m = w.open(0, 1, Transport::Tcp);
+    w.login(m, "mallory", 0);
+    assert_eq!(login_response(&w.take(conn(m))[0]).code, 0);
+    // Hazard S2: the reference skipped verify here and handed over alice's account.
+    w.login(m, "alice", 0);
+    let replies = w.take(conn(m));
+    assert_eq!(
+        login_response(&replies[0]).code,
+        crate::hooks::TOKEN_REFUSED
+    );
+    assert_eq!(replies[0].to.as_ref().unwrap(), "-1");
+    assert!(!w.shards[0].is_online("alice"));
+    assert_eq!(w.closed, vec![m]);
+}
+
+#[test]
+fn c2s_is_acked_every_time_and_delivered_once() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(1, probe.clone());
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.take(conn(a));
+    for _ in 0..2 {
+        w.frame(a, &data("alice", "0", "to server", Some("fp-4")));
+        let acks = w.take(conn(a));
+        assert_eq!(acks.len(), 1);
+        assert_eq!(
+            (acks[0].from.as_ref().unwrap().as_str(), acks[0].text()),
+            ("0", Some("fp-4"))
+        );
+    }
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn idle_sessions_expire_and_traffic_keeps_them() {
+    let mut w = World::new(1, Arc::new(Probe::default()));
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.advance(Duration::from_secs(15));
+    w.frame(a, &Message::keep_alive(UserId::new("alice")));
+    w.advance(Duration::from_secs(15));
+    assert!(
+        w.closed.is_empty(),
+        "the keep-alive reset the 20 s idle timer"
+    );
+    w.advance(Duration::from_secs(6));
+    assert_eq!(w.closed, vec![a]);
+    assert!(!w.shards[0].is_online("alice"));
+
+    // UDP: 10 s.
+    w.datagram(0, peer(7), &login("bob", 0));
+    assert!(w.shards[0].is_online("bob"));
+    w.advance(Duration::from_millis(10_001));
+    assert!(!w.shards[0].is_online("bob"));
+}
+
+#[test]
+fn s2c_command_resends_once_then_reports_lost() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(2, probe.clone());
+    let bob = uid_on(1, 2, "bob");
+    let b = w.open(0, 1, Transport::Tcp);
+    w.login(b, &bob, 0);
+    w.take(conn(b));
+    let command = Command::Send {
+        to: UserId::from(bob.clone()),
+        text: "from the server".into(),
+        typeu: 99,
+        qos: true,
+    };
+    w.on(0, |shard, now, out| shard.command(now, command, out));
+    let got = w.take(conn(b));
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (
+            got[0].from.as_ref().unwrap().as_str(),
+            got[0].typeu,
+            got[0].qos
+        ),
+        ("0", 99, true)
+    );
+    w.advance(Duration::from_secs(11));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    assert_eq!(*probe.lost.lock().unwrap(), vec![bob]);
+}
+
+#[test]
+fn sessions_migrate_to_their_shard_and_c2c_crosses_shards() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(2, probe.clone());
+    let alice = uid_on(0, 2, "alice");
+    let bob = uid_on(1, 2, "bob");
+    // Both connections land on core 0; bob's moves to core 1 after verify.
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Ws);
+    w.login(a, &alice, 0);
+    w.login(b, &bob, 0);
+    assert_eq!(w.conn_core[&b], 1);
+    assert_eq!(w.conn_core[&a], 0);
+    assert!(w.shards[1].is_online(&bob) && w.shards[0].is_online(&alice));
+    assert_eq!(login_response(&w.take(conn(b))[0]).code, 0);
+    w.take(conn(a));
+
+    w.frame(a, &data(&alice, &bob, "across", Some("fp-5")));
+    assert_eq!(
+        w.take(conn(b)),
+        vec![data(&alice, &bob, "across", Some("fp-5"))]
+    );
+    let acks = w.take(conn(a));
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].from.as_ref().unwrap().as_str(), bob);
+
+    // A UDP client of bob's shard whose datagrams reach core 0: its session lives on core 1,
+    // core 0 forwards; replies go out from core 1's socket.
+    let addr = peer(5000);
+    let carol = uid_on(1, 2, "carol");
+    w.datagram(0, addr, &login(&carol, 0));
+    assert!(w.shards[1].is_online(&carol));
+    assert!(w.sent.iter().any(|(core, e, m)| *core == 1
+        && *e == Endpoint::Udp(addr)
+        && m.kind == Kind::LoginResponse));
+    w.take(Endpoint::Udp(addr));
+    w.datagram(0, addr, &Message::keep_alive(UserId::from(carol.clone())));
+    let replies = w.take(Endpoint::Udp(addr));
+    assert_eq!(replies[0].kind, Kind::KeepAliveResponse);
+    // Logout ends the session and the route: the next keep-alive is unauthenticated.
+    w.datagram(0, addr, &Message::logout(UserId::from(carol.clone())));
+    assert!(!w.shards[1].is_online(&carol));
+    assert!(w.shards[0].udp_routes.is_empty());
+    w.datagram(0, addr, &Message::keep_alive(UserId::from(carol.clone())));
+    assert_eq!(w.take(Endpoint::Udp(addr))[0].kind, Kind::Error);
+}
+
+#[test]
+fn kicked_udp_session_is_logged_out() {
+    let mut w = World::new(1, Arc::new(Probe::default()));
+    let addr = peer(6000);
+    w.datagram(0, addr, &login("alice", 0));
+    let t = w.open(0, 1, Transport::Tcp);
+    w.login(t, "alice", 0);
+    let kicked = w.take(Endpoint::Udp(addr));
+    assert_eq!(kicked.last().unwrap().kind, Kind::Kickout);
+    // Hazard S5: the kicked UDP client can no longer act as alice.
+    w.datagram(0, addr, &Message::keep_alive(UserId::new("alice")));
+    assert_eq!(w.take(Endpoint::Udp(addr))[0].kind, Kind::Error);
+}
