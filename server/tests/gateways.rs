@@ -252,3 +252,40 @@ fn websocket_other_paths_get_404() {
         String::from_utf8_lossy(&response)
     );
 }
+
+#[test]
+fn control_api_sends_s2c_kicks_and_answers_questions() {
+    let server = Server::start(2);
+    let api = server.api();
+    let users: Vec<String> = (0..2).map(|core| uid_on(core, 2, "api")).collect();
+    let mut clients: Vec<Client> = users
+        .iter()
+        .zip([T::Ws, T::Udp])
+        .map(|(uid, t)| {
+            let mut c = server.connect(t);
+            c.login(uid);
+            c
+        })
+        .collect();
+    for (uid, c) in users.iter().zip(&mut clients) {
+        assert_eq!(api.is_online(uid), Some(true));
+        api.send(uid, "from the app", 99, true);
+        let got = c.expect(Kind::CommonData);
+        assert_eq!(
+            (got.from.as_ref().unwrap().as_str(), got.typeu, got.qos),
+            ("0", 99, true)
+        );
+        // The client's ACK (from = uid, to = "0") clears it: no resend follows.
+        c.send(&ack(uid, "0", got.fp.as_ref().unwrap().as_str()));
+    }
+    assert_eq!(api.is_online("nobody"), Some(false));
+    let (stats, online) = api.stats();
+    assert_eq!((online, stats.logins, stats.delivered), (2, 2, 2));
+
+    api.kick(&users[0], 2, Some("bye now"));
+    let kick = clients[0].expect(Kind::Kickout);
+    let doc = Decoder::new().kickout(kick.text().unwrap()).unwrap();
+    assert_eq!((doc.code, doc.reason.as_deref()), (2, Some("bye now")));
+    clients[0].expect_closed();
+    assert_eq!(api.is_online(&users[0]), Some(false));
+}

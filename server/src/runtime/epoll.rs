@@ -511,6 +511,7 @@ impl EpollCore {
                     } = *migrant;
                     self.add_conn(now, stream, conn, Some(adopt));
                 }
+                Mail::Query(query) => super::answer(&self.shard, query),
                 Mail::Shutdown => {
                     self.shutting_down = true;
                     return;

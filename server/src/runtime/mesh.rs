@@ -29,8 +29,19 @@ pub enum Mail {
     Shard(ShardMsg),
     /// A connection moving to its user's shard after a verified login.
     Adopt(Box<Migrant>),
+    /// A question from the control thread, answered on the channel it carries.
+    Query(Query),
     /// Stop: close every connection, then end the loop.
     Shutdown,
+}
+
+/// Questions the control thread asks a core.
+#[derive(Debug)]
+pub enum Query {
+    /// Is this user logged in on the core's shard?
+    IsOnline(String, std::sync::mpsc::Sender<bool>),
+    /// The shard's counters and number of online users.
+    Stats(std::sync::mpsc::Sender<(crate::shard::Stats, usize)>),
 }
 
 /// A TCP or WebSocket connection in transit between cores.
@@ -104,24 +115,27 @@ impl Mesh {
         }
     }
 
+    /// Delivers `mail` to `core` from outside the loops (the control thread), waiting for room
+    /// if the inbox is full (the loops keep draining their inboxes), and wakes the core.
+    pub fn post(&self, core: CoreId, mut mail: Mail) {
+        while let Some(inbox) = self.inboxes.get(usize::from(core)) {
+            match inbox.push(mail) {
+                Ok(()) => break,
+                Err(back) => {
+                    mail = back;
+                    std::thread::yield_now();
+                }
+            }
+        }
+        self.wake(core);
+    }
+
     /// Sends `Shutdown` to every core (from the control thread).
     pub fn shutdown_all(&self) {
         for core in 0..self.inboxes.len() {
-            let Ok(core) = CoreId::try_from(core) else {
-                break;
-            };
-            let mut mail = Mail::Shutdown;
-            // Shutdown must arrive: wait for room (the loops keep draining their inboxes).
-            while let Some(inbox) = self.inboxes.get(usize::from(core)) {
-                match inbox.push(mail) {
-                    Ok(()) => break,
-                    Err(back) => {
-                        mail = back;
-                        std::thread::yield_now();
-                    }
-                }
+            if let Ok(core) = CoreId::try_from(core) {
+                self.post(core, Mail::Shutdown);
             }
-            self.wake(core);
         }
     }
 }

@@ -21,9 +21,11 @@ use std::time::Instant;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServerConfig};
-use crate::hooks::ServerEvents;
-use crate::shard::{CoreId, Shard, ShardConfig};
-use mesh::{Mesh, Wake};
+use imedge_protocol::UserId;
+
+use crate::hooks::{Command, ServerEvents};
+use crate::shard::{CoreId, Shard, ShardConfig, ShardMsg, Stats};
+use mesh::{Mail, Mesh, Query, Wake};
 
 /// Listen backlog of the TCP and WebSocket listeners (the reference's, SPEC §1.1).
 pub const LISTEN_BACKLOG: i32 = 4096;
@@ -82,6 +84,91 @@ impl ServerHandle {
     /// A handle that can stop the server from another thread (e.g. a signal handler's).
     pub fn stopper(&self) -> Stopper {
         Stopper(Arc::clone(&self.mesh))
+    }
+
+    /// The sending API for the application, usable from any thread.
+    pub fn api(&self) -> ControlApi {
+        ControlApi(Arc::clone(&self.mesh))
+    }
+}
+
+/// The server application's API outside the event loops (SPEC §10: send to a uid, kick a
+/// session, is-online), usable from any thread. Requests travel to the user's core as mail.
+#[derive(Debug, Clone)]
+pub struct ControlApi(Arc<Mesh>);
+
+impl ControlApi {
+    fn core_of(&self, uid: &str) -> CoreId {
+        crate::shard::shard_for(uid, self.0.cores())
+    }
+
+    /// Sends `text` from the server to `to` (S2C). With `qos` the message is resent until ACKed
+    /// and its fate reported to the `on_s2c_delivered` / `on_s2c_lost` hooks; if `to` is not
+    /// online it goes to `on_offline`.
+    pub fn send(&self, to: &str, text: impl Into<String>, typeu: i32, qos: bool) {
+        let command = Command::Send {
+            to: UserId::from(to.to_owned()),
+            text: text.into(),
+            typeu,
+            qos,
+        };
+        self.0
+            .post(self.core_of(to), Mail::Shard(ShardMsg::Command(command)));
+    }
+
+    /// Kicks the current session of `uid` (kickout `code`, optional reason).
+    pub fn kick(&self, uid: &str, code: i32, reason: Option<&str>) {
+        let command = Command::Kick {
+            uid: UserId::from(uid.to_owned()),
+            code,
+            reason: reason.map(str::to_owned),
+        };
+        self.0
+            .post(self.core_of(uid), Mail::Shard(ShardMsg::Command(command)));
+    }
+
+    /// Whether `uid` is logged in (asks its core; `None` if the server is stopping).
+    pub fn is_online(&self, uid: &str) -> Option<bool> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.0.post(
+            self.core_of(uid),
+            Mail::Query(Query::IsOnline(uid.to_owned(), reply)),
+        );
+        answer.recv_timeout(CONTROL_TIMEOUT).ok()
+    }
+
+    /// Every core's counters merged, and the number of users online.
+    pub fn stats(&self) -> (Stats, usize) {
+        let (reply, answers) = std::sync::mpsc::channel();
+        for core in 0..self.0.cores() {
+            if let Ok(core) = CoreId::try_from(core) {
+                self.0.post(core, Mail::Query(Query::Stats(reply.clone())));
+            }
+        }
+        drop(reply);
+        let mut total = (Stats::default(), 0);
+        while let Ok((stats, online)) = answers.recv_timeout(CONTROL_TIMEOUT) {
+            total.0.merge(&stats);
+            total.1 += online;
+        }
+        total
+    }
+}
+
+/// How long the control API waits for a core's answer before giving up (a core answers within
+/// one loop turn; only a stopping server leaves a question unanswered).
+pub const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers a control-thread question on a core.
+fn answer(shard: &Shard, query: Query) {
+    // A closed channel means the asker stopped waiting: nothing to do.
+    match query {
+        Query::IsOnline(uid, reply) => {
+            let _ = reply.send(shard.is_online(&uid));
+        }
+        Query::Stats(reply) => {
+            let _ = reply.send((shard.stats(), shard.online_users()));
+        }
     }
 }
 

@@ -225,6 +225,20 @@ pub struct Stats {
     pub malformed: u64,
 }
 
+impl Stats {
+    /// Adds another shard's counters to these.
+    pub fn merge(&mut self, other: &Stats) {
+        self.messages_in += other.messages_in;
+        self.logins += other.logins;
+        self.logins_refused += other.logins_refused;
+        self.delivered += other.delivered;
+        self.offline += other.offline;
+        self.resent += other.resent;
+        self.lost += other.lost;
+        self.malformed += other.malformed;
+    }
+}
+
 /// A resend-table entry: what to send again, to whom.
 #[derive(Debug, Clone)]
 struct Pending {

@@ -68,6 +68,11 @@ impl Server {
         }
     }
 
+    /// The application's control API.
+    pub fn api(&self) -> runtime::ControlApi {
+        self.handle.as_ref().unwrap().api()
+    }
+
     pub fn connect(&self, transport: T) -> Client {
         Client::connect(self, transport)
     }
