@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use imedge_protocol::session::{SenseMode, Transport};
 use imedge_server::config::{IoBackend, ServerConfig};
 use imedge_server::hooks::{AllowAll, ServerEvents, TokenTable};
 use serde::Deserialize;
@@ -50,6 +51,28 @@ impl std::str::FromStr for Port {
             .map(|p| Self(Some(p)))
             .map_err(|_| format!("`{s}` is not a port number or `off`"))
     }
+}
+
+/// A sense mode (SPEC §6.3): `3s`, `5s`, `10s`, `15s`, `30s`, `60s` or `120s`.
+fn parse_sense(s: &str) -> Result<SenseMode, String> {
+    Ok(match s {
+        "3s" => SenseMode::S3,
+        "5s" => SenseMode::S5,
+        "10s" => SenseMode::S10,
+        "15s" => SenseMode::S15,
+        "30s" => SenseMode::S30,
+        "60s" => SenseMode::S60,
+        "120s" => SenseMode::S120,
+        _ => return Err(format!("`{s}`: expected one of 3s 5s 10s 15s 30s 60s 120s")),
+    })
+}
+
+/// The server idle timeout for a sense mode on a transport, or an error for a mode the
+/// transport does not have (UDP has no 5s or 15s mode).
+fn sense_idle(mode: &str, transport: Transport) -> anyhow::Result<Duration> {
+    let mode = parse_sense(mode).map_err(anyhow::Error::msg)?;
+    mode.server_idle_timeout(transport)
+        .with_context(|| format!("sense mode {mode:?} does not exist for {transport:?}"))
 }
 
 fn parse_io(s: &str) -> Result<IoBackend, String> {
@@ -93,7 +116,17 @@ struct Args {
     /// I/O backend: auto, uring or epoll [default: auto].
     #[arg(long, env = "IMEDGE_IO", value_parser = parse_io)]
     io: Option<IoBackend>,
-    /// Idle timeout of TCP connections, seconds [default: 20].
+    /// Sense mode of TCP clients (3s 5s 10s 15s 30s 60s 120s): sets the TCP idle timeout as
+    /// the reference does (5s → 11 s, the demo's setting) [default: unset → 20 s].
+    #[arg(long, env = "IMEDGE_TCP_SENSE_MODE")]
+    tcp_sense_mode: Option<String>,
+    /// Sense mode of UDP clients (3s 10s 30s 60s 120s) [default: unset → 10 s].
+    #[arg(long, env = "IMEDGE_UDP_SENSE_MODE")]
+    udp_sense_mode: Option<String>,
+    /// Sense mode of WebSocket clients, as TCP [default: unset → 20 s].
+    #[arg(long, env = "IMEDGE_WS_SENSE_MODE")]
+    ws_sense_mode: Option<String>,
+    /// Idle timeout of TCP connections, seconds; overrides the sense mode [default: 20].
     #[arg(long, env = "IMEDGE_TCP_IDLE")]
     tcp_idle: Option<u64>,
     /// Idle timeout of UDP sessions, seconds [default: 10].
@@ -128,6 +161,9 @@ struct FileConfig {
     tcp_idle: Option<u64>,
     udp_idle: Option<u64>,
     ws_idle: Option<u64>,
+    tcp_sense_mode: Option<String>,
+    udp_sense_mode: Option<String>,
+    ws_sense_mode: Option<String>,
     server_timestamps: Option<bool>,
     token_file: Option<PathBuf>,
     no_pin: Option<bool>,
@@ -135,6 +171,7 @@ struct FileConfig {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("IMEDGE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -167,6 +204,15 @@ fn main() -> anyhow::Result<()> {
         config.io = io;
     } else if let Some(io) = file.io {
         config.io = parse_io(&io).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(mode) = args.tcp_sense_mode.or(file.tcp_sense_mode) {
+        config.tcp_idle = sense_idle(&mode, Transport::Tcp)?;
+    }
+    if let Some(mode) = args.udp_sense_mode.or(file.udp_sense_mode) {
+        config.udp_idle = sense_idle(&mode, Transport::Udp)?;
+    }
+    if let Some(mode) = args.ws_sense_mode.or(file.ws_sense_mode) {
+        config.ws_idle = sense_idle(&mode, Transport::Ws)?;
     }
     let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
     config.tcp_idle = secs(args.tcp_idle.or(file.tcp_idle), config.tcp_idle);
