@@ -37,3 +37,14 @@ cargo test --doc --locked
 
 log "tests"
 cargo nextest run --profile ci --locked "$@"
+
+# The run above drives the server's integration tests on epoll (IMEDGE_TEST_IO unset). Run them
+# again on io_uring where this machine allows it: the probe answers as `--io auto` would.
+log "server tests on io_uring"
+cargo build --locked -q -p imedge-server --example io_uring_probe
+if probe=$(cargo run --locked -q -p imedge-server --example io_uring_probe); then
+  echo "$probe"
+  IMEDGE_TEST_IO=uring cargo nextest run --profile ci --locked -p imedge-server -E 'kind(test)'
+else
+  echo "io_uring run SKIPPED: $probe"
+fi

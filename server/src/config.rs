@@ -51,6 +51,13 @@ pub struct ServerConfig {
     pub udp_max_datagram: usize,
     /// Write the server clock into `sm` of every server packet.
     pub server_timestamps: bool,
+    /// Keep messages for users who are not online in the embedded store under `data_dir`
+    /// (on by default). Off: the `on_offline` hook decides, as in the reference.
+    pub offline_store: bool,
+    /// Most messages stored per user; more are refused (the sender gets no ACK) and counted.
+    pub offline_max_per_user: usize,
+    /// Stored messages older than this are dropped at delivery time, and counted.
+    pub offline_max_age: Duration,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +77,9 @@ impl Default for ServerConfig {
             tcp_max_body: tcp::DEFAULT_MAX_BODY,
             udp_max_datagram: udp::DEFAULT_MAX_DATAGRAM,
             server_timestamps: false,
+            offline_store: true,
+            offline_max_per_user: crate::store::DEFAULT_MAX_PER_USER,
+            offline_max_age: crate::store::DEFAULT_MAX_AGE,
         }
     }
 }

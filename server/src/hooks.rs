@@ -76,8 +76,10 @@ pub trait ServerEvents: Send + Sync + 'static {
     fn on_c2c_after(&self, from: &str, to: &str, fp: Option<&str>) {
         let _ = (from, to, fp);
     }
-    /// `onTransferMessage_RealTimeSendFaild`: the recipient is not online. Return true if the
-    /// message was stored (the sender then gets its ACK); the default stores nothing.
+    /// `onTransferMessage_RealTimeSendFaild`: the recipient is not online. With the built-in
+    /// offline store (the default of the `imedge` binary) the message is stored durably whatever
+    /// this returns, and this is only a notification. Without it, return true if the
+    /// application stored the message (the sender then gets its ACK); the default stores nothing.
     fn on_offline(&self, msg: Undelivered<'_>) -> bool {
         let _ = msg;
         false

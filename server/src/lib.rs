@@ -24,4 +24,5 @@ pub mod config;
 pub mod hooks;
 pub mod runtime;
 pub mod shard;
+pub mod store;
 pub mod timer;

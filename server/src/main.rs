@@ -145,6 +145,15 @@ struct Args {
     /// Do not pin event loops to CPUs.
     #[arg(long, env = "IMEDGE_NO_PIN")]
     no_pin: Option<bool>,
+    /// Store messages for users who are not online under --data-dir [default: true].
+    #[arg(long, env = "IMEDGE_OFFLINE_STORE")]
+    offline_store: Option<bool>,
+    /// Most messages stored per user [default: 10000].
+    #[arg(long, env = "IMEDGE_OFFLINE_MAX_PER_USER")]
+    offline_max_per_user: Option<usize>,
+    /// Stored messages older than this many seconds are dropped [default: 604800 = 7 days].
+    #[arg(long, env = "IMEDGE_OFFLINE_MAX_AGE")]
+    offline_max_age: Option<u64>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -167,6 +176,9 @@ struct FileConfig {
     server_timestamps: Option<bool>,
     token_file: Option<PathBuf>,
     no_pin: Option<bool>,
+    offline_store: Option<bool>,
+    offline_max_per_user: Option<usize>,
+    offline_max_age: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -223,6 +235,13 @@ fn main() -> anyhow::Result<()> {
         .or(file.server_timestamps)
         .unwrap_or(false);
     config.pin_threads = !args.no_pin.or(file.no_pin).unwrap_or(false);
+    config.offline_store = args.offline_store.or(file.offline_store).unwrap_or(true);
+    if let Some(n) = args.offline_max_per_user.or(file.offline_max_per_user) {
+        config.offline_max_per_user = n;
+    }
+    if let Some(secs) = args.offline_max_age.or(file.offline_max_age) {
+        config.offline_max_age = Duration::from_secs(secs);
+    }
     if config.threads == 0 {
         bail!("--threads must be at least 1");
     }

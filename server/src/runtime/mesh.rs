@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
-use mio::net::TcpStream;
 
 use crate::shard::{Adopt, CoreId, ShardMsg};
 
@@ -44,18 +43,21 @@ pub enum Query {
     Stats(std::sync::mpsc::Sender<(crate::shard::Stats, usize)>),
 }
 
-/// A TCP or WebSocket connection in transit between cores.
+/// A TCP or WebSocket connection in transit between cores. The sending core has let go of the
+/// socket entirely (epoll: deregistered; io_uring: its receive and send cancelled and completed)
+/// before it is mailed, so the receiving core is its only user.
 #[derive(Debug)]
 pub struct Migrant {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The socket (non-blocking), as a plain std stream so that either backend can take it.
+    pub stream: std::net::TcpStream,
     /// Transport state: buffered input, queued output, WebSocket decoder.
     pub conn: super::conn::ConnState,
     /// The verified login it carries.
     pub adopt: Adopt,
 }
 
-/// Wakes a core's event loop.
+/// Wakes a core's event loop: `mio::Waker` for the epoll loop, `uring::EventFd` (an eventfd the
+/// ring keeps a read pending on) for the io_uring loop.
 pub trait Wake: Send + Sync {
     /// Makes the core's current or next wait return.
     fn wake(&self);

@@ -3,18 +3,24 @@
 //!
 //! * [`conn`] — one connection's transport state (framing, WebSocket), backend-independent.
 //! * [`mesh`] — bounded lock-free inboxes between cores, with wake-ups.
+//! * `base` — the backend-independent half of a core's loop (shard, connections, inbox, timers).
 //! * [`epoll`] — the epoll backend (mio).
+//! * [`uring`] — the io_uring backend (`io-uring`), chosen by `--io uring`, or by `--io auto`
+//!   when [`uring::probe`] finds io_uring usable.
 //!
 //! Every core binds its own TCP, UDP and WebSocket socket on the same ports with `SO_REUSEPORT`;
 //! the kernel spreads connections and UDP clients over them.
 
+mod base;
 pub mod conn;
 pub mod epoll;
 pub mod mesh;
+#[cfg(target_os = "linux")]
+pub mod uring;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -25,6 +31,10 @@ use imedge_protocol::UserId;
 
 use crate::hooks::{Command, ServerEvents};
 use crate::shard::{CoreId, Shard, ShardConfig, ShardMsg, Stats};
+use crate::shard::{OfflineStore, Post};
+use crate::store::group::GroupCommit;
+use crate::store::redb::RedbStore;
+use crate::store::{Limits as StoreLimits, Store};
 use mesh::{Mail, Mesh, Query, Wake};
 
 /// Listen backlog of the TCP and WebSocket listeners (the reference's, SPEC §1.1).
@@ -50,8 +60,157 @@ pub struct ServerHandle {
     pub udp_addr: Option<SocketAddr>,
     /// Where the WebSocket gateway listens.
     pub ws_addr: Option<SocketAddr>,
-    /// The I/O backend in use.
+    /// The I/O backend in use: `"epoll"` or `"io_uring"`.
     pub backend: &'static str,
+    /// The offline store's writer, drained after the cores stop.
+    store_writer: Option<Arc<GroupCommit>>,
+}
+
+/// The sockets one core listens on, bound by [`start`] and handed to the core's loop.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// TCP gateway.
+    pub tcp: Option<TcpListener>,
+    /// WebSocket gateway.
+    pub ws: Option<TcpListener>,
+    /// UDP gateway.
+    pub udp: Option<UdpSocket>,
+}
+
+/// The I/O backend the cores run, once chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Epoll,
+    Uring,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Epoll => "epoll",
+            Backend::Uring => "io_uring",
+        }
+    }
+}
+
+/// Whether the io_uring backend can run here (see `uring::probe`; on other systems than Linux,
+/// never). This is what `--io auto` asks at start.
+///
+/// # Errors
+/// Why io_uring cannot be used.
+pub fn probe_io_uring() -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    return uring::probe();
+    #[cfg(not(target_os = "linux"))]
+    return Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "io_uring is unavailable: not Linux",
+    ));
+}
+
+/// Picks the backend: `uring` needs io_uring (or fails with the reason), `auto` probes for it
+/// and falls back to epoll, `epoll` is epoll. Logs which one runs and why.
+fn choose_backend(requested: IoBackend) -> io::Result<Backend> {
+    let backend = match requested {
+        IoBackend::Epoll => {
+            tracing::info!(backend = "epoll", "I/O backend: epoll (requested)");
+            Backend::Epoll
+        }
+        IoBackend::Uring => {
+            probe_io_uring()?;
+            tracing::info!(backend = "io_uring", "I/O backend: io_uring (requested)");
+            Backend::Uring
+        }
+        IoBackend::Auto => match probe_io_uring() {
+            Ok(()) => {
+                tracing::info!(
+                    backend = "io_uring",
+                    "I/O backend: io_uring (auto: available)"
+                );
+                Backend::Uring
+            }
+            Err(reason) => {
+                tracing::info!(
+                    backend = "epoll",
+                    %reason,
+                    "I/O backend: epoll (auto: io_uring unavailable)"
+                );
+                Backend::Epoll
+            }
+        },
+    };
+    Ok(backend)
+}
+
+/// What a core's thread needs, besides its sockets, to build its loop: made before the threads
+/// start because the mesh needs every core's waker.
+enum Prepared {
+    Epoll(mio::Poll),
+    #[cfg(target_os = "linux")]
+    Uring(Arc<uring::EventFd>),
+}
+
+impl Prepared {
+    /// The poll or eventfd of a core, and the waker other cores use to wake it.
+    fn new(backend: Backend) -> io::Result<(Self, Arc<dyn Wake>)> {
+        match backend {
+            #[cfg(target_os = "linux")]
+            Backend::Uring => {
+                let eventfd = Arc::new(uring::EventFd::new()?);
+                let waker: Arc<dyn Wake> = eventfd.clone();
+                Ok((Prepared::Uring(eventfd), waker))
+            }
+            _ => {
+                let poll = mio::Poll::new()?;
+                let waker = Arc::new(mio::Waker::new(poll.registry(), epoll::WAKER)?);
+                Ok((Prepared::Epoll(poll), waker))
+            }
+        }
+    }
+
+    /// Builds the core's loop on the calling thread (an io_uring ring belongs to the thread that
+    /// creates it), reports the outcome on `ready`, then runs the loop.
+    fn run(
+        self,
+        core: CoreId,
+        shard: Shard,
+        listeners: Listeners,
+        mesh: Arc<Mesh>,
+        limits: Limits,
+        ready: mpsc::Sender<io::Result<()>>,
+    ) -> io::Result<()> {
+        fn report<C>(
+            setup: io::Result<C>,
+            ready: mpsc::Sender<io::Result<()>>,
+            run: impl FnOnce(C) -> io::Result<()>,
+        ) -> io::Result<()> {
+            match setup {
+                Ok(core) => {
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    run(core)
+                }
+                Err(error) => {
+                    // `start` reports it and stops the other cores.
+                    let _ = ready.send(Err(error));
+                    Ok(())
+                }
+            }
+        }
+        match self {
+            Prepared::Epoll(poll) => report(
+                epoll::EpollCore::new(core, poll, shard, listeners, mesh, limits),
+                ready,
+                epoll::EpollCore::run,
+            ),
+            #[cfg(target_os = "linux")]
+            Prepared::Uring(waker) => report(
+                uring::UringCore::new(core, shard, listeners, waker, mesh, limits),
+                ready,
+                uring::UringCore::run,
+            ),
+        }
+    }
 }
 
 impl ServerHandle {
@@ -76,6 +235,14 @@ impl ServerHandle {
                 .unwrap_or_else(|_| Err(io::Error::other("a core panicked")));
             if result.is_ok() {
                 result = outcome;
+            }
+        }
+        // The cores are gone (and with them their handles on the writer): what is still queued
+        // is committed now, before the process may exit.
+        if let Some(writer) = self.store_writer {
+            match Arc::try_unwrap(writer) {
+                Ok(writer) => writer.shutdown(),
+                Err(_) => tracing::warn!("offline store writer still shared at shutdown"),
             }
         }
         result
@@ -129,7 +296,7 @@ impl ControlApi {
 
     /// Whether `uid` is logged in (asks its core; `None` if the server is stopping).
     pub fn is_online(&self, uid: &str) -> Option<bool> {
-        let (reply, answer) = std::sync::mpsc::channel();
+        let (reply, answer) = mpsc::channel();
         self.0.post(
             self.core_of(uid),
             Mail::Query(Query::IsOnline(uid.to_owned(), reply)),
@@ -139,7 +306,7 @@ impl ControlApi {
 
     /// Every core's counters merged, and the number of users online.
     pub fn stats(&self) -> (Stats, usize) {
-        let (reply, answers) = std::sync::mpsc::channel();
+        let (reply, answers) = mpsc::channel();
         for core in 0..self.0.cores() {
             if let Ok(core) = CoreId::try_from(core) {
                 self.0.post(core, Mail::Query(Query::Stats(reply.clone())));
@@ -224,17 +391,44 @@ fn bind_all<S>(
 
 /// Starts the server: binds every listener (errors surface here), then one loop per core.
 ///
+/// Opens the embedded offline store under the data directory and starts its group-commit
+/// writer, whose callbacks reach the cores through the mesh.
+fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<OfflineStore>> {
+    if !config.offline_store {
+        tracing::info!("offline store: off (the on_offline hook decides, as in the reference)");
+        return Ok(None);
+    }
+    let limits = StoreLimits {
+        max_per_user: config.offline_max_per_user,
+        max_age: config.offline_max_age,
+    };
+    let store: Arc<dyn Store> = Arc::new(
+        RedbStore::open(&config.data_dir, limits)
+            .map_err(|e| io::Error::other(format!("offline store: {e}")))?,
+    );
+    let writer = GroupCommit::start(Arc::clone(&store))
+        .map_err(|e| io::Error::other(format!("offline store: {e}")))?;
+    tracing::info!(
+        dir = %config.data_dir.display(),
+        max_per_user = limits.max_per_user,
+        max_age_secs = limits.max_age.as_secs(),
+        "offline store: on"
+    );
+    let mesh = Arc::clone(mesh);
+    let post: Post = Arc::new(move |core, msg| mesh.post(core, Mail::Shard(msg)));
+    Ok(Some(OfflineStore {
+        store,
+        writer: Arc::new(writer),
+        post,
+    }))
+}
+
 /// # Errors
-/// A listener cannot be bound, or the requested I/O backend is not available.
+/// A listener cannot be bound, the requested I/O backend is not available, the offline store
+/// cannot be opened, or a core cannot set up its loop.
 pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<ServerHandle> {
     let cores = config.threads.clamp(1, usize::from(CoreId::MAX));
-    if config.io == IoBackend::Uring {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "the io_uring backend is not part of this build yet; use --io epoll or auto",
-        ));
-    }
-    let backend = "epoll";
+    let backend = choose_backend(config.io)?;
 
     let (tcp, tcp_addr) = bind_all(
         config.bind,
@@ -258,14 +452,15 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         UdpSocket::local_addr,
     )?;
 
-    let mut polls = Vec::with_capacity(cores);
+    let mut prepared = Vec::with_capacity(cores);
     let mut wakers: Vec<Arc<dyn Wake>> = Vec::with_capacity(cores);
     for _ in 0..cores {
-        let poll = mio::Poll::new()?;
-        wakers.push(Arc::new(mio::Waker::new(poll.registry(), epoll::WAKER)?));
-        polls.push(poll);
+        let (core, waker) = Prepared::new(backend)?;
+        prepared.push(core);
+        wakers.push(waker);
     }
     let mesh = Arc::new(Mesh::new(wakers));
+    let offline = open_store(config, &mesh)?;
     let limits = Limits {
         tcp_max_body: config.tcp_max_body,
         udp_max_datagram: config.udp_max_datagram,
@@ -277,21 +472,20 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
     };
 
     let mut threads = Vec::with_capacity(cores);
+    let (ready, setups) = mpsc::channel();
     let sockets = tcp.into_iter().zip(ws).zip(udp);
-    for (core, (poll, ((tcp, ws), udp))) in polls.into_iter().zip(sockets).enumerate() {
+    for (core, (prepared, ((tcp, ws), udp))) in prepared.into_iter().zip(sockets).enumerate() {
         let core_id = CoreId::try_from(core).unwrap_or(CoreId::MAX);
         let mut shard_config = ShardConfig::new(core_id, cores);
         shard_config.tcp_idle = config.tcp_idle;
         shard_config.udp_idle = config.udp_idle;
         shard_config.ws_idle = config.ws_idle;
         shard_config.server_timestamps = config.server_timestamps;
-        let listeners = epoll::Listeners {
-            tcp: tcp.map(mio::net::TcpListener::from_std),
-            ws: ws.map(mio::net::TcpListener::from_std),
-            udp: udp.map(mio::net::UdpSocket::from_std),
-        };
+        let listeners = Listeners { tcp, ws, udp };
+        let ready = ready.clone();
         let hooks = Arc::clone(&hooks);
         let mesh = Arc::clone(&mesh);
+        let offline = offline.clone();
         let cpu = cpus.get(core % cpus.len().max(1)).copied();
         let thread = std::thread::Builder::new()
             .name(format!("imedge-core-{core}"))
@@ -301,17 +495,37 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
                         tracing::warn!(core, "could not pin the event loop to a CPU");
                     }
                 }
-                let shard = Shard::new(shard_config, hooks, Instant::now());
-                epoll::EpollCore::new(core_id, poll, shard, listeners, mesh, limits)?.run()
+                let mut shard = Shard::new(shard_config, hooks, Instant::now());
+                if let Some(offline) = offline {
+                    shard = shard.with_store(offline);
+                }
+                prepared.run(core_id, shard, listeners, mesh, limits, ready)
             })?;
         threads.push(thread);
     }
-    Ok(ServerHandle {
+    drop(ready);
+    let handle = ServerHandle {
         mesh,
         threads,
         tcp_addr,
         udp_addr,
         ws_addr,
-        backend,
-    })
+        backend: backend.name(),
+        store_writer: offline.map(|o| o.writer),
+    };
+    // Every core reports its set-up (a core that panics drops its sender instead).
+    let mut failure = None;
+    for _ in 0..cores {
+        let error = match setups.recv() {
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => error,
+            Err(_) => io::Error::other("a core stopped while setting up its loop"),
+        };
+        failure.get_or_insert(error);
+    }
+    if let Some(error) = failure {
+        let _ = handle.shutdown();
+        return Err(error);
+    }
+    Ok(handle)
 }

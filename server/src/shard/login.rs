@@ -161,7 +161,7 @@ impl Shard {
                     uid = uid.as_str(),
                     "duplicate login refused (older firstLoginTime)"
                 );
-                self.kick_session(now, endpoint, KICKOUT_DUPLICATE_LOGIN, None, out);
+                self.kick_session(now, endpoint, &uid, KICKOUT_DUPLICATE_LOGIN, None, out);
                 return;
             }
             if requested <= 0 || requested > old_first {
@@ -172,7 +172,7 @@ impl Shard {
                 // The newcomer takes the table first, so the kicked session ends without an
                 // `on_logout` for a user who is still online (SPEC §5.5).
                 self.online.insert(uid.clone(), endpoint);
-                self.kick_session(now, old, KICKOUT_DUPLICATE_LOGIN, None, out);
+                self.kick_session(now, old, &uid, KICKOUT_DUPLICATE_LOGIN, None, out);
             }
             // Equal times: both stay; the newcomer becomes the current session (reference v6.5).
         }
@@ -201,5 +201,6 @@ impl Shard {
             &mut api,
         );
         self.run_hook_commands(now, api, out);
+        self.deliver_stored(now, &uid, out);
     }
 }

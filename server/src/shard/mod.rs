@@ -14,7 +14,10 @@
 //! once the address has logged in, and the shard answers through its own socket on the same port.
 
 mod login;
+mod offline;
 mod route;
+
+pub use offline::{OfflineStore, Post, LOGIN_PAGE};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -243,8 +246,12 @@ impl Stats {
 #[derive(Debug, Clone)]
 struct Pending {
     to: UserId<'static>,
+    /// Sender (`"0"` for S2C): part of the store's de-duplication key.
+    from: UserId<'static>,
     fp: Fingerprint<'static>,
     json: Bytes,
+    /// Set when the message came from the offline store: removed there once ACKed.
+    seq: Option<u64>,
 }
 
 /// The shard of one core.
@@ -268,6 +275,10 @@ pub struct Shard {
     next_fp: u64,
     /// The core that received the UDP datagram being handled (set by `on_udp`).
     udp_via: CoreId,
+    /// The durable offline store, if configured.
+    offline: Option<OfflineStore>,
+    /// Users whose stored messages are being delivered, a page at a time.
+    drains: HashMap<UserId<'static>, offline::Drain>,
     stats: Stats,
 }
 
@@ -308,8 +319,16 @@ impl Shard {
             udp_routes: HashMap::new(),
             next_fp: 0,
             udp_via: core,
+            offline: None,
+            drains: HashMap::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Gives the shard a durable offline store (without one, the `on_offline` hook decides).
+    pub fn with_store(mut self, offline: OfflineStore) -> Self {
+        self.offline = Some(offline);
+        self
     }
 
     /// This shard's counters.
@@ -514,6 +533,7 @@ impl Shard {
                     self.stats.lost += 1;
                     self.hooks
                         .on_s2c_lost(item.to.as_str(), item.fp.as_str(), &item.json);
+                    self.store_lost(now, &item, out);
                 }
             }
         }
@@ -636,7 +656,7 @@ impl Shard {
             (Kind::CommonData, Some((uid, transport, peer))) => {
                 self.on_data(now, endpoint, (uid, transport, peer), msg, out)
             }
-            (Kind::Ack, Some((uid, ..))) => self.on_ack(uid, msg),
+            (Kind::Ack, Some((uid, ..))) => self.on_ack(now, uid, msg, out),
             (Kind::KeepAlive | Kind::CommonData | Kind::Ack, None) => {
                 self.reply_not_logged_in(now, endpoint, msg, out)
             }
@@ -682,12 +702,13 @@ impl Shard {
         out.send(endpoint, &msg);
     }
 
-    fn on_ack(&mut self, uid: UserId<'static>, msg: &Message<'_>) {
+    fn on_ack(&mut self, now: Now, uid: UserId<'static>, msg: &Message<'_>, out: &mut dyn Outbox) {
         let Some(fp) = msg.text() else {
             return;
         };
-        if self.resend.handle_ack(&qos_key(uid.as_str(), fp)).is_some() {
+        if let Some(item) = self.resend.handle_ack(&qos_key(uid.as_str(), fp)) {
             self.hooks.on_s2c_delivered(uid.as_str(), fp);
+            self.stored_acked(now, &item, out);
         }
     }
 
@@ -754,13 +775,17 @@ impl Shard {
         let Some(&endpoint) = self.online.get(uid) else {
             return;
         };
-        self.kick_session(now, endpoint, code, reason, out);
+        self.kick_session(now, endpoint, uid, code, reason, out);
     }
 
+    /// Sends `endpoint` a kickout addressed to `uid` and closes it. `uid` is given rather than
+    /// read from the session: a newcomer refused by the duplicate-login rules is kicked before it
+    /// is registered (hazard R4's fix), and its kickout is still addressed to the uid it asked for.
     fn kick_session(
         &mut self,
         now: Now,
         endpoint: Endpoint,
+        uid: &UserId<'static>,
         code: i32,
         reason: Option<String>,
         out: &mut dyn Outbox,
@@ -769,7 +794,7 @@ impl Shard {
             return;
         };
         session.kickout_code = Some(code);
-        let uid = session.uid.clone().unwrap_or(UserId::UNKNOWN);
+        let uid = uid.clone();
         let kickout = imedge_protocol::message::payload::Kickout {
             code,
             reason: reason.map(Into::into),

@@ -151,8 +151,10 @@ impl Shard {
                 if let (true, Some(fp)) = (delivery.qos, &delivery.fp) {
                     let pending = Pending {
                         to: to.clone(),
+                        from: delivery.from.clone(),
                         fp: fp.clone(),
                         json: delivery.json.clone(),
+                        seq: None,
                     };
                     let key = Fingerprint::from(qos_key(to.as_str(), fp.as_str()));
                     if self.resend.insert(now.mono, key, pending).is_err() {
@@ -174,6 +176,11 @@ impl Shard {
                     fp: delivery.fp.as_ref().map(Fingerprint::as_str),
                     json: &delivery.json,
                 });
+                if self.offline.is_some() && delivery.to.is_some() {
+                    // The durable store takes it; the receipt follows its commit.
+                    self.store_offline(now, delivery);
+                    return;
+                }
                 if stored {
                     Outcome::Stored
                 } else {

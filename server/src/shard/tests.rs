@@ -454,6 +454,8 @@ fn duplicate_login_kicks_the_old_session_across_transports() {
     let replies = w.take(conn(late));
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].kind, Kind::Kickout);
+    // Addressed to the uid it asked for, though it was never registered (SPEC §3: `to` = uid).
+    assert_eq!(replies[0].to.as_ref().unwrap().as_str(), "alice");
     assert!(w.take(conn(new)).is_empty());
     assert!(w.closed.contains(&late));
 
@@ -616,4 +618,189 @@ fn kicked_udp_session_is_logged_out() {
     // Hazard S5: the kicked UDP client can no longer act as alice.
     w.datagram(0, addr, &Message::keep_alive(UserId::new("alice")));
     assert_eq!(w.take(Endpoint::Udp(addr))[0].kind, Kind::Error);
+}
+
+/// A real redb store in a temporary directory, whose writer's callbacks are collected so the
+/// test can hand them to the shards like the mesh would.
+struct TestStore {
+    dir: std::path::PathBuf,
+    store: Arc<dyn crate::store::Store>,
+    offline: OfflineStore,
+    mail: Arc<Mutex<Vec<(CoreId, ShardMsg)>>>,
+}
+
+impl TestStore {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("imedge-shard-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store: Arc<dyn crate::store::Store> = Arc::new(
+            crate::store::redb::RedbStore::open(&dir, crate::store::Limits::default()).unwrap(),
+        );
+        let writer = Arc::new(crate::store::group::GroupCommit::start(Arc::clone(&store)).unwrap());
+        let mail = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&mail);
+        let post: Post = Arc::new(move |core, msg| sink.lock().unwrap().push((core, msg)));
+        Self {
+            dir,
+            offline: OfflineStore {
+                store: Arc::clone(&store),
+                writer,
+                post,
+            },
+            store,
+            mail,
+        }
+    }
+
+    /// Waits until the writer has answered `n` requests and delivers its mail.
+    fn settle(&self, w: &mut World, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.mail.lock().unwrap().len() < n {
+            assert!(Instant::now() < deadline, "store callbacks did not arrive");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mail: Vec<_> = self.mail.lock().unwrap().drain(..).collect();
+        for (core, msg) in mail {
+            w.on(core, |shard, now, out| shard.on_mail(now, msg, out));
+        }
+    }
+
+    /// Waits until `uid` has exactly `n` stored messages.
+    fn wait_stored(&self, uid: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self
+                .store
+                .pending(uid, 0, usize::MAX, T0_EPOCH_MS + 3_600_000)
+                .unwrap()
+                .len();
+            if left == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{uid}: {left} stored, expected {n}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn world_with_store(cores: usize, store: &TestStore) -> World {
+    let mut w = World::new(cores, Arc::new(Probe::default()));
+    w.shards = w
+        .shards
+        .drain(..)
+        .map(|shard| shard.with_store(store.offline.clone()))
+        .collect();
+    w
+}
+
+#[test]
+fn offline_messages_are_acked_after_commit_and_delivered_in_order_at_login() {
+    let store = TestStore::new("order");
+    let mut w = world_with_store(2, &store);
+    let alice = uid_on(0, 2, "alice");
+    let carol = uid_on(1, 2, "carol");
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, &alice, 0);
+    w.take(conn(a));
+    for i in 0..5 {
+        w.frame(
+            a,
+            &data(&alice, &carol, &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    // No ACK before the store has committed.
+    assert!(w.take(conn(a)).is_empty());
+    store.settle(&mut w, 5);
+    let acks = w.take(conn(a));
+    assert_eq!(
+        acks.iter().map(|m| m.text().unwrap()).collect::<Vec<_>>(),
+        ["fp0", "fp1", "fp2", "fp3", "fp4"]
+    );
+    assert!(acks
+        .iter()
+        .all(|m| m.from.as_ref().unwrap().as_str() == carol));
+    // A resend of a stored message is ACKed again but not stored twice.
+    w.frame(a, &data(&alice, &carol, "m0", Some("fp0")));
+    assert_eq!(w.take(conn(a)).len(), 1);
+    store.wait_stored(&carol, 5);
+
+    // Carol logs in (on another transport, landing on the other core): all five, in order.
+    let c = w.open(0, 2, Transport::Ws);
+    w.login(c, &carol, 0);
+    let got = w.take(conn(c));
+    assert_eq!(got[0].kind, Kind::LoginResponse);
+    let texts: Vec<_> = got[1..]
+        .iter()
+        .map(|m| m.text().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4"]);
+    // She ACKs two and goes away: the other three stay stored.
+    for fp in ["fp0", "fp1"] {
+        w.frame(c, &ack(&carol, &alice, fp));
+    }
+    store.wait_stored(&carol, 3);
+    w.on(1, |shard, now, out| shard.on_closed(now, c, out));
+    let c2 = w.open(1, 3, Transport::Udp);
+    w.login(c2, &carol, 0);
+    let again: Vec<_> = w.take(conn(c2))[1..]
+        .iter()
+        .map(|m| m.text().unwrap().to_owned())
+        .collect();
+    assert_eq!(again, ["m2", "m3", "m4"]);
+    for fp in ["fp2", "fp3", "fp4"] {
+        w.frame(c2, &ack(&carol, &alice, fp));
+    }
+    store.wait_stored(&carol, 0);
+}
+
+#[test]
+fn lost_real_time_messages_and_shutdown_leftovers_are_stored() {
+    let store = TestStore::new("lost");
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.frame(a, &data("alice", "bob", "never acked", Some("lost-1")));
+    w.frame(
+        a,
+        &data("alice", "bob", "pending at shutdown", Some("late-1")),
+    );
+    // Resent once, then lost → stored for bob's next login.
+    w.advance(Duration::from_secs(4));
+    w.frame(b, &ack("bob", "alice", "late-1"));
+    w.frame(
+        a,
+        &data("alice", "bob", "pending at shutdown", Some("late-2")),
+    );
+    w.advance(Duration::from_secs(7));
+    store.wait_stored("bob", 1);
+    w.on(0, |shard, now, _| shard.store_pending_for_shutdown(now));
+    store.wait_stored("bob", 2);
+    let texts: Vec<_> = store
+        .store
+        .pending("bob", 0, 10, T0_EPOCH_MS + 3_600_000)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.fp.unwrap())
+        .collect();
+    assert_eq!(texts, ["lost-1", "late-2"]);
+}
+
+fn ack(from: &str, to: &str, fp: &str) -> Message<'static> {
+    Message::ack(
+        UserId::from(from.to_owned()),
+        UserId::from(to.to_owned()),
+        Fingerprint::from(fp.to_owned()),
+        false,
+    )
 }

@@ -41,8 +41,20 @@ pub fn config(threads: usize) -> ServerConfig {
         threads,
         io: backend(),
         pin_threads: false,
+        // The reference's behaviour unless a test asks for the store: the offline hook decides.
+        offline_store: false,
+        data_dir: temp_dir("data"),
         ..ServerConfig::default()
     }
+}
+
+/// A fresh directory under the system temp dir, unique to this process and call.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("imedge-test-{}-{name}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 /// A running server, stopped when dropped.
@@ -58,7 +70,20 @@ impl Server {
         Self::with(config(threads), Arc::new(AllowAll))
     }
 
-    pub fn with(config: ServerConfig, hooks: Arc<dyn ServerEvents>) -> Self {
+    pub fn with(mut config: ServerConfig, hooks: Arc<dyn ServerEvents>) -> Self {
+        // Linux may hand a UDP socket bound to port 0 with SO_REUSEADDR/SO_REUSEPORT (as the
+        // server binds) a port that another such socket of this user already has: two test
+        // servers would then share it and get each other's datagrams. A plain socket is only
+        // given a port nobody uses; it is released just before the server binds that port, under
+        // a lock so that no other test server of this process takes it in between.
+        static UDP_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = UDP_PORTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if config.udp_port == Some(0) {
+            let probe = UdpSocket::bind((config.bind, 0)).unwrap();
+            config.udp_port = Some(probe.local_addr().unwrap().port());
+        }
         let handle = runtime::start(&config, hooks).unwrap();
         Self {
             tcp: handle.tcp_addr.unwrap(),
@@ -140,6 +165,25 @@ pub enum Recv {
     Timeout,
 }
 
+/// What a raw receive found: a message body exactly as it arrived (TCP frame body, WebSocket
+/// text payload, UDP datagram), before decoding.
+#[derive(Debug, PartialEq)]
+pub enum RecvBody {
+    Body(Vec<u8>),
+    /// WebSocket close frame: status code (1005 when none was given) and reason.
+    WsClose(u16, String),
+    Closed,
+    Timeout,
+}
+
+/// The WebSocket upgrade request the raw client sends by default.
+pub fn ws_upgrade_request(server: SocketAddr) -> Vec<u8> {
+    format!(
+        "GET /websocket HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 impl Client {
     pub fn connect(server: &Server, transport: T) -> Self {
         let link = match transport {
@@ -150,30 +194,13 @@ impl Client {
                 Link::Udp(socket)
             }
             T::Ws => {
-                let mut stream = TcpStream::connect(server.ws).unwrap();
-                let request = format!(
-                    "GET /websocket HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                    server.ws
-                );
-                stream.write_all(request.as_bytes()).unwrap();
-                let mut buf = BytesMut::new();
-                let deadline = Instant::now() + WAIT;
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    assert!(Instant::now() < deadline, "no upgrade response");
-                    read_some(&mut stream, &mut buf, deadline).unwrap();
-                }
-                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                let head = buf.split_to(end);
+                let (client, head) = Self::connect_ws(server, &ws_upgrade_request(server.ws));
                 assert!(
                     head.starts_with(b"HTTP/1.1 101 "),
                     "{}",
                     String::from_utf8_lossy(&head)
                 );
-                Link::Ws(
-                    stream,
-                    buf,
-                    ws::FrameDecoder::new(ws::Role::Client, usize::MAX),
-                )
+                return client;
             }
         };
         Self {
@@ -181,6 +208,46 @@ impl Client {
             transport,
             decoder: Decoder::new(),
         }
+    }
+
+    /// Opens a WebSocket connection with `request` as the upgrade request; returns the client and
+    /// the server's response head (through the blank line). The caller checks the status.
+    pub fn connect_ws(server: &Server, request: &[u8]) -> (Self, Vec<u8>) {
+        let mut stream = TcpStream::connect(server.ws).unwrap();
+        stream.write_all(request).unwrap();
+        let mut buf = BytesMut::new();
+        let deadline = Instant::now() + WAIT;
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            assert!(Instant::now() < deadline, "no upgrade response");
+            if read_some(&mut stream, &mut buf, deadline).is_err() {
+                // Refused: the server answered (or not) and closed.
+                return (
+                    Self {
+                        link: Link::Ws(
+                            stream,
+                            BytesMut::new(),
+                            ws::FrameDecoder::new(ws::Role::Client, usize::MAX),
+                        ),
+                        transport: T::Ws,
+                        decoder: Decoder::new(),
+                    },
+                    buf.to_vec(),
+                );
+            }
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = buf.split_to(end).to_vec();
+        let link = Link::Ws(
+            stream,
+            buf,
+            ws::FrameDecoder::new(ws::Role::Client, usize::MAX),
+        );
+        let client = Self {
+            link,
+            transport: T::Ws,
+            decoder: Decoder::new(),
+        };
+        (client, head)
     }
 
     pub fn send(&mut self, msg: &Message<'_>) {
@@ -213,67 +280,95 @@ impl Client {
         }
     }
 
+    /// Sends one message body (any bytes, e.g. a captured JSON text) framed for the transport:
+    /// TCP length prefix, one UDP datagram, one masked WebSocket text frame. Write errors are
+    /// ignored (the server may already have closed, as for oversize input).
+    pub fn send_body(&mut self, body: &[u8]) {
+        match &mut self.link {
+            Link::Tcp(stream, _) => {
+                let mut out = BytesMut::new();
+                tcp::encode_body(body, &mut out);
+                let _ = stream.write_all(&out);
+            }
+            Link::Udp(socket) => {
+                let _ = socket.send(body);
+            }
+            Link::Ws(stream, ..) => {
+                let mut out = BytesMut::new();
+                ws::encode_text(body, Some([0x37, 0xfa, 0x21, 0x3d]), &mut out);
+                let _ = stream.write_all(&out);
+            }
+        }
+    }
+
+    /// Half-closes a TCP or WebSocket connection (the client's FIN); nothing for UDP.
+    pub fn shutdown_write(&mut self) {
+        if let Link::Tcp(stream, _) | Link::Ws(stream, ..) = &mut self.link {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
     pub fn recv_within(&mut self, wait: Duration) -> Recv {
+        match self.recv_body_within(wait) {
+            RecvBody::Body(mut body) => {
+                let text = String::from_utf8_lossy(&body).into_owned();
+                let msg = self.decoder.decode(&mut body);
+                Recv::Message(msg.unwrap_or_else(|e| panic!("{e}: {text:?}")).into_owned())
+            }
+            RecvBody::WsClose(code, _) => Recv::WsClose(code),
+            RecvBody::Closed => Recv::Closed,
+            RecvBody::Timeout => Recv::Timeout,
+        }
+    }
+
+    /// The next message body as received (not decoded), a close, or a timeout.
+    pub fn recv_body_within(&mut self, wait: Duration) -> RecvBody {
         let deadline = Instant::now() + wait;
         loop {
             match &mut self.link {
                 Link::Tcp(stream, buf) => {
                     if let Some(body) = tcp::split_frame(buf, usize::MAX).unwrap() {
-                        let mut body = body.to_vec();
-                        return Recv::Message(self.decoder.decode(&mut body).unwrap().into_owned());
+                        return RecvBody::Body(body.to_vec());
                     }
                     if Instant::now() >= deadline {
-                        return Recv::Timeout;
+                        return RecvBody::Timeout;
                     }
                     if read_some(stream, buf, deadline).is_err() {
-                        return Recv::Closed;
+                        return RecvBody::Closed;
                     }
                 }
                 Link::Ws(stream, buf, frames) => {
                     match frames.decode(buf).unwrap() {
-                        Some(ws::Unit::Text(body)) => {
-                            let mut copy = body.to_vec();
-                            let msg = self.decoder.decode(&mut copy);
-                            let msg = msg.unwrap_or_else(|e| {
-                                panic!("{e}: {:?}", String::from_utf8_lossy(&body))
-                            });
-                            return Recv::Message(msg.into_owned());
-                        }
+                        Some(ws::Unit::Text(body)) => return RecvBody::Body(body.to_vec()),
                         Some(ws::Unit::Close(close)) => {
-                            return Recv::WsClose(close.map_or(1005, |c| c.0))
+                            let (code, reason) = close.unwrap_or((1005, String::new()));
+                            return RecvBody::WsClose(code, reason);
                         }
                         Some(_) => continue,
                         None => {}
                     }
                     if Instant::now() >= deadline {
-                        return Recv::Timeout;
+                        return RecvBody::Timeout;
                     }
                     if read_some(stream, buf, deadline).is_err() {
-                        return Recv::Closed;
+                        return RecvBody::Closed;
                     }
                 }
                 Link::Udp(socket) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Recv::Timeout;
+                        return RecvBody::Timeout;
                     }
                     socket.set_read_timeout(Some(left)).unwrap();
                     let mut buf = [0u8; 65536];
                     match socket.recv(&mut buf) {
-                        Ok(n) => {
-                            let mut body = buf[..n].to_vec();
-                            let msg = self.decoder.decode(&mut body);
-                            let msg = msg.unwrap_or_else(|e| {
-                                panic!("{e}: {:?}", String::from_utf8_lossy(&buf[..n]))
-                            });
-                            return Recv::Message(msg.into_owned());
-                        }
+                        Ok(n) => return RecvBody::Body(buf[..n].to_vec()),
                         Err(e)
                             if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                         {
-                            return Recv::Timeout
+                            return RecvBody::Timeout
                         }
-                        Err(_) => return Recv::Closed,
+                        Err(_) => return RecvBody::Closed,
                     }
                 }
             }

@@ -1,0 +1,392 @@
+//! The half of a core's event loop that does not depend on the I/O backend: the shard, the
+//! connections' transport state, the [`Outbox`] the shard answers through, the inbox, the
+//! timers and the UDP dispatch. The epoll and io_uring loops each drive one [`Base`]; they differ
+//! only in how bytes get in and out of the sockets.
+//!
+//! A backend calls, per turn: [`Base::process`] after it appended received bytes to a
+//! connection's `rx` (and performs the migration it may return), [`Base::datagram`] per UDP
+//! datagram, [`Base::drain_inbox`] until it returns `None` (registering each connection it hands
+//! over), [`Base::run_timers`], then writes the connections in [`Base::dirty`] and calls
+//! `outgoing.flush()`.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use imedge_protocol::frame::udp;
+use imedge_protocol::Message;
+use slab::Slab;
+
+use super::conn::{ConnState, Next};
+use super::mesh::{Mail, Mesh, Migrant, Outgoing};
+use super::Limits;
+use crate::shard::{Adopt, ConnId, CoreId, Endpoint, Now, Outbox, Shard, ShardMsg};
+
+/// Mail taken from the inbox per loop turn, so that one busy sender cannot starve the sockets.
+/// What is left is taken on the next turn without waiting.
+pub const MAIL_PER_TURN: usize = 4096;
+
+/// How long accepting pauses after the process runs out of file descriptors (EMFILE/ENFILE):
+/// long enough not to spin on a listener that stays readable, short enough to resume promptly
+/// once connections close.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// `EMFILE`: this process has no free file descriptor.
+pub const EMFILE: i32 = 24;
+/// `ENFILE`: the system has no free file descriptor.
+pub const ENFILE: i32 = 23;
+
+/// A TCP or WebSocket connection of this core.
+#[derive(Debug)]
+pub struct Conn<S> {
+    /// The backend's handle on the socket (epoll: the stream; io_uring: its socket's key).
+    pub sock: S,
+    /// Framing, WebSocket phase, buffered input and queued output.
+    pub state: ConnState,
+    /// Distinguishes this connection from earlier ones in the same slab slot.
+    pub generation: u32,
+    /// Set by the shard: move to this core after the current message.
+    pub migrate: Option<(CoreId, Adopt)>,
+}
+
+/// The backend-independent state of one core's loop.
+pub struct Base<S> {
+    /// This core.
+    pub core: CoreId,
+    /// The sessions of the users that hash to this core.
+    pub shard: Shard,
+    /// TCP and WebSocket connections; the slab index is half of their [`ConnId`].
+    pub conns: Slab<Conn<S>>,
+    /// The UDP gateway socket (non-blocking): both backends receive on it their own way and
+    /// send datagrams with a direct `sendto`, which never waits.
+    pub udp: Option<UdpSocket>,
+    mesh: Arc<Mesh>,
+    /// Mail for other cores, and whom to wake at the end of the turn.
+    pub outgoing: Outgoing,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Encoding buffer for outgoing datagrams.
+    udp_tx: BytesMut,
+    /// Connections with output to write or a close to carry out (may repeat).
+    pub dirty: Vec<usize>,
+    next_generation: u32,
+    /// Accepting is paused until then: the process ran out of file descriptors.
+    pub accept_paused_until: Option<Instant>,
+    /// Mail was left in the inbox: the next wait must not sleep.
+    pub more: bool,
+    /// A [`Mail::Shutdown`] was taken: the loop closes everything and ends.
+    pub shutting_down: bool,
+    /// Mail this turn may still take.
+    mail_budget: usize,
+}
+
+impl<S> std::fmt::Debug for Base<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Base")
+            .field("core", &self.core)
+            .field("conns", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The time for this turn.
+pub fn now() -> Now {
+    let epoch_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    Now {
+        mono: Instant::now(),
+        epoch_ms,
+    }
+}
+
+fn conn_id(index: usize, generation: u32) -> ConnId {
+    ConnId((u64::from(generation) << 32) | index as u64)
+}
+
+fn split_id(id: ConnId) -> (usize, u32) {
+    // The low half is the slab index (always < 2^32 here), the high half the generation.
+    ((id.0 & 0xffff_ffff) as usize, (id.0 >> 32) as u32)
+}
+
+/// The shard's [`Outbox`] on this core.
+struct Io<'a, S> {
+    core: CoreId,
+    conns: &'a mut Slab<Conn<S>>,
+    udp: Option<&'a UdpSocket>,
+    udp_tx: &'a mut BytesMut,
+    dirty: &'a mut Vec<usize>,
+    outgoing: &'a mut Outgoing,
+}
+
+impl<S> Io<'_, S> {
+    fn conn(&mut self, id: ConnId) -> Option<(usize, &mut Conn<S>)> {
+        let (index, generation) = split_id(id);
+        self.conns
+            .get_mut(index)
+            .filter(|c| c.generation == generation)
+            .map(|c| (index, c))
+    }
+
+    fn send_datagram(&self, bytes: &[u8], to: SocketAddr) {
+        if let Some(socket) = self.udp {
+            if let Err(error) = socket.send_to(bytes, to) {
+                // UDP is lossy by nature; QoS resends cover what matters.
+                tracing::debug!(%to, %error, "datagram not sent");
+            }
+        }
+    }
+}
+
+impl<S> Outbox for Io<'_, S> {
+    fn send(&mut self, to: Endpoint, msg: &Message<'_>) {
+        match to {
+            Endpoint::Conn(id) => {
+                if let Some((index, conn)) = self.conn(id) {
+                    conn.state.queue(msg);
+                    self.dirty.push(index);
+                }
+            }
+            Endpoint::Udp(addr) => {
+                udp::encode(msg, self.udp_tx);
+                self.send_datagram(self.udp_tx, addr);
+                self.udp_tx.clear();
+            }
+        }
+    }
+
+    fn send_json(&mut self, to: Endpoint, json: &Bytes) {
+        match to {
+            Endpoint::Conn(id) => {
+                if let Some((index, conn)) = self.conn(id) {
+                    conn.state.queue_json(json);
+                    self.dirty.push(index);
+                }
+            }
+            Endpoint::Udp(addr) => self.send_datagram(json, addr),
+        }
+    }
+
+    fn close(&mut self, id: ConnId) {
+        if let Some((index, conn)) = self.conn(id) {
+            conn.state.begin_close();
+            self.dirty.push(index);
+        }
+    }
+
+    fn migrate(&mut self, id: ConnId, core: CoreId, login: Adopt) {
+        if let Some((_, conn)) = self.conn(id) {
+            conn.migrate = Some((core, login));
+        }
+    }
+
+    fn mail(&mut self, core: CoreId, msg: ShardMsg) {
+        debug_assert_ne!(core, self.core);
+        self.outgoing.send(core, Mail::Shard(msg));
+    }
+}
+
+impl<S> Base<S> {
+    /// The loop state of `core`.
+    pub fn new(
+        core: CoreId,
+        shard: Shard,
+        udp: Option<UdpSocket>,
+        mesh: Arc<Mesh>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            core,
+            shard,
+            conns: Slab::new(),
+            udp,
+            outgoing: Outgoing::new(Arc::clone(&mesh)),
+            mesh,
+            limits,
+            udp_tx: BytesMut::new(),
+            dirty: Vec::new(),
+            next_generation: 0,
+            accept_paused_until: None,
+            more: false,
+            shutting_down: false,
+            mail_budget: MAIL_PER_TURN,
+        }
+    }
+
+    /// How long the next wait may sleep: not at all if work was left over (this clears
+    /// [`Base::more`]), else until the shard's next timer or the end of an accept pause (`None`:
+    /// until something happens).
+    pub fn wait_timeout(&mut self) -> Option<Duration> {
+        if std::mem::take(&mut self.more) || self.outgoing.has_backlog() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        [self.shard.poll_timeout(), self.accept_paused_until]
+            .into_iter()
+            .flatten()
+            .min()
+            // Round up so a timer is never polled a hair early and spun on.
+            .map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
+    }
+
+    /// Whether an accept pause ends at `now` (and clears it).
+    pub fn accept_pause_over(&mut self, now: Now) -> bool {
+        let over = self
+            .accept_paused_until
+            .is_some_and(|until| until <= now.mono);
+        if over {
+            self.accept_paused_until = None;
+        }
+        over
+    }
+
+    /// Calls the shard with this core's [`Outbox`].
+    pub fn with_shard<R>(&mut self, f: impl FnOnce(&mut Shard, &mut dyn Outbox) -> R) -> R {
+        let mut io = Io {
+            core: self.core,
+            conns: &mut self.conns,
+            udp: self.udp.as_ref(),
+            udp_tx: &mut self.udp_tx,
+            dirty: &mut self.dirty,
+            outgoing: &mut self.outgoing,
+        };
+        f(&mut self.shard, &mut io)
+    }
+
+    fn insert(&mut self, sock: S, state: ConnState) -> (usize, ConnId) {
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let generation = self.next_generation;
+        let index = self.conns.insert(Conn {
+            sock,
+            state,
+            generation,
+            migrate: None,
+        });
+        (index, conn_id(index, generation))
+    }
+
+    /// A connection accepted on this core: its session starts. Returns its index.
+    pub fn open(&mut self, now: Now, sock: S, state: ConnState) -> usize {
+        let (transport, peer) = (state.transport, state.peer);
+        let (index, id) = self.insert(sock, state);
+        self.shard.on_open(now, id, transport, peer);
+        index
+    }
+
+    /// A connection that migrated here with a verified login: the shard finishes the login.
+    /// Returns its index; the backend then hands the bytes that came along to
+    /// [`Base::process`].
+    pub fn adopt(&mut self, now: Now, sock: S, state: ConnState, adopt: Adopt) -> usize {
+        let (index, id) = self.insert(sock, state);
+        self.with_shard(|shard, io| shard.on_adopted(now, id, adopt, io));
+        self.dirty.push(index);
+        index
+    }
+
+    /// Hands the complete messages in a connection's receive buffer to the shard, one by one,
+    /// stopping if the connection closes or is to migrate. Returns the migration, which the
+    /// backend carries out (the shard has already forgotten the connection).
+    pub fn process(&mut self, now: Now, index: usize) -> Option<(CoreId, Adopt)> {
+        loop {
+            let conn = self.conns.get_mut(index)?;
+            if let Some(migrate) = conn.migrate.take() {
+                return Some(migrate);
+            }
+            let id = conn_id(index, conn.generation);
+            match conn.state.next(self.limits.tcp_max_body) {
+                Next::Body(mut body) => {
+                    self.with_shard(|shard, io| shard.on_frame(now, id, &mut body, io));
+                }
+                Next::Wait => {
+                    // The transport may have answered by itself (the WebSocket upgrade, a pong).
+                    if !conn.state.tx.is_empty() {
+                        self.dirty.push(index);
+                    }
+                    return None;
+                }
+                Next::Close => {
+                    self.shard.on_frame_error();
+                    self.dirty.push(index);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Removes a connection that is leaving for another core (the shard already forgot it).
+    pub fn take(&mut self, index: usize) -> Option<Conn<S>> {
+        self.conns.try_remove(index)
+    }
+
+    /// Removes a connection and tells the shard. Returns its socket for the backend to close.
+    pub fn close(&mut self, now: Now, index: usize) -> Option<S> {
+        let conn = self.conns.try_remove(index)?;
+        let id = conn_id(index, conn.generation);
+        self.with_shard(|shard, io| shard.on_closed(now, id, io));
+        Some(conn.sock)
+    }
+
+    /// One datagram of `received` bytes from `from` (`bytes` holds at most the receive buffer's
+    /// worth of it). An oversize datagram ends the sender's session, as in the reference.
+    pub fn datagram(&mut self, now: Now, from: SocketAddr, received: usize, bytes: BytesMut) {
+        if udp::decode(received, self.limits.udp_max_datagram).is_err() {
+            self.with_shard(|shard, io| shard.on_oversize_datagram(now, from, io));
+        } else {
+            self.with_shard(|shard, io| shard.on_datagram(now, from, bytes, io));
+        }
+    }
+
+    /// Handles mail from the inbox, at most [`MAIL_PER_TURN`] per turn, until it meets a
+    /// connection migrating here, which it returns for the backend to register (the backend
+    /// then calls again: mail is handled in the order it was sent). `None` ends the turn's mail.
+    pub fn drain_inbox(&mut self, now: Now) -> Option<Box<Migrant>> {
+        while self.mail_budget > 0 {
+            let Some(mail) = self.mesh.pop(self.core) else {
+                self.mail_budget = MAIL_PER_TURN;
+                return None;
+            };
+            self.mail_budget -= 1;
+            match mail {
+                Mail::Shard(msg) => self.with_shard(|shard, io| shard.on_mail(now, msg, io)),
+                Mail::Adopt(migrant) => return Some(migrant),
+                Mail::Query(query) => super::answer(&self.shard, query),
+                Mail::Shutdown => {
+                    // Messages still waiting for an ACK are kept for the recipients' next login.
+                    self.shard.store_pending_for_shutdown(now);
+                    self.shutting_down = true;
+                    self.mail_budget = MAIL_PER_TURN;
+                    return None;
+                }
+            }
+        }
+        // More mail may be waiting: come back without sleeping.
+        self.more = true;
+        self.mail_budget = MAIL_PER_TURN;
+        None
+    }
+
+    /// Runs the shard's timers if one is due.
+    pub fn run_timers(&mut self, now: Now) {
+        if self.shard.poll_timeout().is_some_and(|at| at <= now.mono) {
+            self.with_shard(|shard, io| shard.handle_timeout(now, io));
+        }
+    }
+
+    /// Indices of every connection (for shutdown).
+    pub fn indices(&self) -> Vec<usize> {
+        self.conns.iter().map(|(index, _)| index).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_ids_carry_index_and_generation() {
+        for (index, generation) in [(0, 0), (1, 1), (0xffff_ffff, u32::MAX), (42, 7)] {
+            assert_eq!(split_id(conn_id(index, generation)), (index, generation));
+        }
+    }
+}

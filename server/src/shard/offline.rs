@@ -1,0 +1,249 @@
+//! Offline messages on the shard side (issue "offline messages and durability"): what happens
+//! when a recipient is not online, when a real-time delivery is lost, and at the next login.
+//!
+//! * A C2C or S2C message for a user who is not online goes to the [`GroupCommit`] writer; the
+//!   sender's substitute ACK is sent only from the writer's callback, i.e. once the message is
+//!   durable — never before.
+//! * A server-sent QoS message reported lost by the resend table is stored the same way (the
+//!   store de-duplicates by recipient, sender and fingerprint, so it is never stored twice).
+//! * At login, stored messages are sent in the order they were stored, a page at a time, with
+//!   QoS; each is removed from the store only when the recipient ACKs it. A recipient that goes
+//!   away mid-delivery gets the rest at its next login.
+//! * At shutdown, messages still waiting in the resend table are stored before the loop exits.
+
+use std::sync::Arc;
+
+use imedge_protocol::{Fingerprint, UserId};
+
+use super::route::{Delivery, Outcome};
+use super::{qos_key, CoreId, Now, Outbox, Pending, Shard, ShardMsg};
+use crate::store::{group::GroupCommit, Offline, Store};
+
+/// Stored messages sent per page at login. Bounded so a large backlog neither stalls the loop
+/// nor overflows the connection's send buffer (`MAX_TX_BUFFER`): the next page goes out when
+/// the recipient has acknowledged (or lost) the current one.
+pub const LOGIN_PAGE: usize = 256;
+
+/// Posts mail to a core from any thread (the store writer's callbacks use it).
+pub type Post = Arc<dyn Fn(CoreId, ShardMsg) + Send + Sync>;
+
+/// The durable store as a shard sees it.
+#[derive(Clone)]
+pub struct OfflineStore {
+    /// Reads at login.
+    pub store: Arc<dyn Store>,
+    /// Durable appends (group commit) and removals.
+    pub writer: Arc<GroupCommit>,
+    /// How callbacks reach a core.
+    pub post: Post,
+}
+
+impl std::fmt::Debug for OfflineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OfflineStore").finish_non_exhaustive()
+    }
+}
+
+/// A user whose stored messages are being delivered.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Drain {
+    /// Messages of the current page not yet acknowledged or lost.
+    in_flight: usize,
+    /// Highest seq sent so far: the next page starts after it (removals may not be committed).
+    last_seq: u64,
+    /// The last page was full: there may be more.
+    more: bool,
+}
+
+impl Shard {
+    /// Stores a message whose recipient is not online. The sender's receipt (if it wants one)
+    /// is posted from the store's callback, after the commit.
+    pub(super) fn store_offline(&mut self, now: Now, delivery: Delivery) -> bool {
+        let (Some(offline), Some(to)) = (&self.offline, &delivery.to) else {
+            return false;
+        };
+        let record = Offline {
+            to: to.as_str().to_owned(),
+            from: delivery.from.as_str().to_owned(),
+            fp: delivery.fp.as_ref().map(|fp| fp.as_str().to_owned()),
+            json: delivery.json.clone(),
+            stored_at_ms: now.epoch_ms,
+        };
+        let receipt = match (delivery.reply_to, delivery.qos, delivery.fp) {
+            (Some(core), true, Some(fp)) => Some((
+                core,
+                super::route::Receipt {
+                    from: delivery.from,
+                    to: delivery.to,
+                    fp,
+                    bridge: delivery.bridge,
+                    outcome: Outcome::Offline,
+                },
+            )),
+            _ => None,
+        };
+        let post = Arc::clone(&offline.post);
+        offline.writer.submit(
+            record,
+            Box::new(move |result| {
+                let durable = result.as_ref().is_ok_and(|a| a.is_durable());
+                if let Err(error) = &result {
+                    tracing::warn!(%error, "offline message not stored; the sender gets no ACK");
+                }
+                if let Some((core, mut receipt)) = receipt {
+                    receipt.outcome = if durable {
+                        Outcome::Stored
+                    } else {
+                        Outcome::Offline
+                    };
+                    post(core, ShardMsg::Delivered(receipt));
+                }
+            }),
+        );
+        true
+    }
+
+    /// A server-sent message was not acknowledged after its resend: keep it for the next login
+    /// (unless it came from the store, where it still is).
+    pub(super) fn store_lost(&mut self, now: Now, item: &Pending, out: &mut dyn Outbox) {
+        if item.seq.is_some() {
+            self.drain_progress(now, &item.to, out);
+            return;
+        }
+        let Some(offline) = &self.offline else {
+            return;
+        };
+        let record = Offline {
+            to: item.to.as_str().to_owned(),
+            from: item.from.as_str().to_owned(),
+            fp: Some(item.fp.as_str().to_owned()),
+            json: item.json.clone(),
+            stored_at_ms: now.epoch_ms,
+        };
+        offline.writer.submit(
+            record,
+            Box::new(|result| {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "lost real-time message not stored");
+                }
+            }),
+        );
+    }
+
+    /// The recipient acknowledged a message: if it came from the store, remove it there.
+    pub(super) fn stored_acked(&mut self, now: Now, item: &Pending, out: &mut dyn Outbox) {
+        let (Some(seq), Some(offline)) = (item.seq, &self.offline) else {
+            return;
+        };
+        offline.writer.remove(item.to.as_str(), vec![seq]);
+        self.drain_progress(now, &item.to, out);
+    }
+
+    /// One message of a page is settled; when the page is done, send the next one.
+    fn drain_progress(&mut self, now: Now, uid: &UserId<'static>, out: &mut dyn Outbox) {
+        let Some(drain) = self.drains.get_mut(uid) else {
+            return;
+        };
+        drain.in_flight = drain.in_flight.saturating_sub(1);
+        if drain.in_flight > 0 {
+            return;
+        }
+        let drain = *drain;
+        self.drains.remove(uid);
+        if drain.more {
+            self.page_into(now, uid, drain.last_seq, out);
+        }
+    }
+
+    /// At login: start delivering `uid`'s stored messages, oldest first.
+    pub(super) fn deliver_stored(&mut self, now: Now, uid: &UserId<'static>, out: &mut dyn Outbox) {
+        self.drains.remove(uid);
+        self.page_into(now, uid, 0, out);
+    }
+
+    /// Shutdown: everything still waiting for an ACK in the resend table is stored, so that it
+    /// is delivered after the restart (messages that came from the store are still there).
+    /// Blocks until the store has committed it.
+    pub fn store_pending_for_shutdown(&mut self, now: Now) {
+        let Some(offline) = &self.offline else {
+            return;
+        };
+        let records: Vec<Offline> = self
+            .resend
+            .drain()
+            .filter(|(_, item)| item.seq.is_none())
+            .map(|(_, item)| Offline {
+                to: item.to.as_str().to_owned(),
+                from: item.from.as_str().to_owned(),
+                fp: Some(item.fp.as_str().to_owned()),
+                json: item.json,
+                stored_at_ms: now.epoch_ms,
+            })
+            .collect();
+        if records.is_empty() {
+            return;
+        }
+        match offline.store.append(&records) {
+            Ok(_) => tracing::info!(
+                messages = records.len(),
+                "unacknowledged messages stored for the next login"
+            ),
+            Err(error) => {
+                tracing::error!(%error, messages = records.len(), "could not store unacknowledged messages at shutdown")
+            }
+        }
+    }
+
+    /// Sends one page of stored messages after seq `after` to `uid`'s current session.
+    fn page_into(&mut self, now: Now, uid: &UserId<'static>, after: u64, out: &mut dyn Outbox) {
+        let (Some(offline), Some(&endpoint)) = (&self.offline, self.online.get(uid)) else {
+            return;
+        };
+        let page = match offline
+            .store
+            .pending(uid.as_str(), after, LOGIN_PAGE, now.epoch_ms)
+        {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::warn!(uid = uid.as_str(), %error, "cannot read stored messages");
+                return;
+            }
+        };
+        let writer = Arc::clone(&offline.writer);
+        let mut drain = Drain {
+            in_flight: 0,
+            last_seq: after,
+            more: page.len() == LOGIN_PAGE,
+        };
+        let mut unacked = Vec::new();
+        for stored in page {
+            drain.last_seq = drain.last_seq.max(stored.seq);
+            out.send_json(endpoint, &stored.json);
+            self.stats.delivered += 1;
+            match stored.fp {
+                Some(fp) => {
+                    let fp = Fingerprint::from(fp);
+                    let key = Fingerprint::from(qos_key(uid.as_str(), fp.as_str()));
+                    let pending = Pending {
+                        to: uid.clone(),
+                        from: UserId::from(stored.from),
+                        fp,
+                        json: stored.json,
+                        seq: Some(stored.seq),
+                    };
+                    if self.resend.insert(now.mono, key, pending).is_ok() {
+                        drain.in_flight += 1;
+                    }
+                }
+                // Stored without QoS: nobody will ACK it; it was delivered best-effort.
+                None => unacked.push(stored.seq),
+            }
+        }
+        if !unacked.is_empty() {
+            writer.remove(uid.as_str(), unacked);
+        }
+        if drain.in_flight > 0 {
+            self.drains.insert(uid.clone(), drain);
+        }
+    }
+}

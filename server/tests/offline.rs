@@ -1,0 +1,371 @@
+//! Offline messages and durability over real sockets: a message the server acknowledged is
+//! delivered later, in order, exactly once — across logins, a graceful restart and `kill -9`.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use imedge_protocol::frame::tcp;
+use imedge_protocol::{Decoder, Kind, Message};
+use imedge_server::hooks::AllowAll;
+use support::*;
+
+fn with_store(threads: usize, dir: &std::path::Path) -> imedge_server::config::ServerConfig {
+    let mut cfg = config(threads);
+    cfg.offline_store = true;
+    cfg.data_dir = dir.to_path_buf();
+    cfg
+}
+
+/// Receives `n` data messages, ACKing each; returns their texts in arrival order.
+fn drain(c: &mut Client, uid: &str, n: usize) -> Vec<String> {
+    let mut texts = Vec::new();
+    while texts.len() < n {
+        let msg = c.recv();
+        if msg.kind != Kind::CommonData {
+            continue;
+        }
+        let from = msg.from.as_ref().unwrap().as_str().to_owned();
+        c.send(&ack(uid, &from, msg.fp.as_ref().unwrap().as_str()));
+        texts.push(msg.text().unwrap().to_owned());
+    }
+    texts
+}
+
+#[test]
+fn offline_then_login_on_each_transport_in_order() {
+    let dir = temp_dir("offline-each");
+    let server = Server::with(with_store(2, &dir), Arc::new(AllowAll));
+    let mut alice = server.connect(T::Tcp);
+    alice.login("alice");
+    for (i, t) in ALL.into_iter().enumerate() {
+        let to = format!("off-{i}");
+        for n in 0..3 {
+            alice.send(&data(
+                "alice",
+                &to,
+                &format!("{n}"),
+                Some(&format!("{to}-{n}")),
+            ));
+        }
+        // Each is ACKed once the store has it (substitute ACK from the recipient).
+        for _ in 0..3 {
+            let a = alice.expect(Kind::Ack);
+            assert_eq!(a.from.as_ref().unwrap().as_str(), to);
+        }
+        let mut c = server.connect(t);
+        c.login(&to);
+        assert_eq!(drain(&mut c, &to, 3), ["0", "1", "2"], "{t:?}");
+        c.expect_quiet();
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_thousand_stored_messages_keep_their_order_and_partial_delivery_resumes() {
+    let dir = temp_dir("offline-1000");
+    let server = Server::with(with_store(2, &dir), Arc::new(AllowAll));
+    let mut alice = server.connect(T::Tcp);
+    alice.login("alice");
+    for n in 0..1000 {
+        alice.send(&data(
+            "alice",
+            "carol",
+            &n.to_string(),
+            Some(&format!("fp-{n}")),
+        ));
+        if n == 10 {
+            // A resend of a stored message is ACKed but not stored twice.
+            alice.send(&data("alice", "carol", "5", Some("fp-5")));
+        }
+    }
+    for _ in 0..1001 {
+        alice.expect(Kind::Ack);
+    }
+    // First login: take 300, ACK them, go away without ACKing the rest of what arrived.
+    let mut carol = server.connect(T::Ws);
+    carol.login("carol");
+    let first = drain(&mut carol, "carol", 300);
+    // Give the server time to take the ACKs before the socket goes: closing with unread data
+    // makes the kernel reset the connection, and a reset discards whatever the server has not
+    // read yet (those messages would then, correctly, come again).
+    std::thread::sleep(Duration::from_millis(300));
+    drop(carol);
+    // Second login: the rest, in order, none twice (the ACKed 300 were removed; anything sent
+    // but not ACKed comes again).
+    let mut carol = server.connect(T::Udp);
+    carol.login("carol");
+    let rest = drain(&mut carol, "carol", 700);
+    let all: Vec<usize> = first
+        .iter()
+        .chain(&rest)
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!(all, (0..1000).collect::<Vec<_>>());
+    carol.expect_quiet();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn graceful_restart_keeps_stored_messages() {
+    let dir = temp_dir("offline-restart");
+    {
+        let server = Server::with(with_store(1, &dir), Arc::new(AllowAll));
+        let mut alice = server.connect(T::Tcp);
+        alice.login("alice");
+        alice.send(&data("alice", "dave", "kept", Some("k1")));
+        alice.expect(Kind::Ack);
+    }
+    let server = Server::with(with_store(2, &dir), Arc::new(AllowAll));
+    let mut dave = server.connect(T::Tcp);
+    dave.login("dave");
+    assert_eq!(drain(&mut dave, "dave", 1), ["kept"]);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn per_user_limit_and_expiry() {
+    let dir = temp_dir("offline-limits");
+    let mut cfg = with_store(1, &dir);
+    cfg.offline_max_per_user = 3;
+    cfg.offline_max_age = Duration::from_secs(1);
+    let server = Server::with(cfg, Arc::new(AllowAll));
+    let mut alice = server.connect(T::Tcp);
+    alice.login("alice");
+    for n in 0..5 {
+        alice.send(&data(
+            "alice",
+            "erin",
+            &n.to_string(),
+            Some(&format!("l{n}")),
+        ));
+    }
+    // Three fit; the two over the limit get no ACK (the sender's QoS will report them lost).
+    for _ in 0..3 {
+        alice.expect(Kind::Ack);
+    }
+    alice.expect_quiet();
+    // Older than max_age at login: dropped, not delivered.
+    std::thread::sleep(Duration::from_millis(1300));
+    let mut erin = server.connect(T::Tcp);
+    erin.login("erin");
+    erin.expect_quiet();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `imedge` binary on a TCP port only, with its store in `dir`. The caller waits for it.
+#[allow(clippy::zombie_processes)]
+fn spawn(dir: &std::path::Path) -> (Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imedge"))
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--tcp-port",
+            "0",
+            "--udp-port",
+            "off",
+            "--ws-port",
+            "off",
+        ])
+        .args(["--threads", "2", "--no-pin", "true"])
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "server did not start");
+        let mut line = String::new();
+        assert!(log.read_line(&mut line).unwrap() > 0, "server exited");
+        if let Some(at) = line.find("TCP gateway listening addr=127.0.0.1:") {
+            let port = line[at + 37..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            // Keep draining the log so the server never blocks on a full pipe.
+            std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+            return (child, port);
+        }
+    }
+}
+
+/// A blocking TCP client speaking frames.
+struct Raw {
+    stream: TcpStream,
+    rx: BytesMut,
+    decoder: Decoder,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Self {
+            stream,
+            rx: BytesMut::new(),
+            decoder: Decoder::new(),
+        }
+    }
+    fn send(&mut self, msg: &Message<'_>) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        tcp::encode(msg, &mut out);
+        self.stream.write_all(&out)
+    }
+    /// The next message, or `None` when the connection ends.
+    fn recv(&mut self) -> Option<Message<'static>> {
+        loop {
+            if let Some(body) = tcp::split_frame(&mut self.rx, usize::MAX).unwrap() {
+                let mut body = body.to_vec();
+                return Some(self.decoder.decode(&mut body).unwrap().into_owned());
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.rx.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+#[test]
+fn kill_9_mid_stream_loses_no_acknowledged_message() {
+    const STREAM: usize = 10_000;
+    let dir = temp_dir("offline-kill9");
+    let (mut server, port) = spawn(&dir);
+    let mut alice = Raw::connect(port);
+    alice.send(&login("alice", "t", 0)).unwrap();
+    assert_eq!(alice.recv().unwrap().kind, Kind::LoginResponse);
+
+    // A writer thread streams QoS messages to the offline user; this thread collects ACKs and
+    // kills the server with SIGKILL once a third of them have arrived.
+    let mut writer = alice.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut out = BytesMut::new();
+        for n in 0..STREAM {
+            tcp::encode(
+                &data("alice", "frank", &n.to_string(), Some(&format!("k-{n}"))),
+                &mut out,
+            );
+            if out.len() > 16 * 1024 || n + 1 == STREAM {
+                if writer.write_all(&out).is_err() {
+                    return;
+                }
+                out.clear();
+            }
+        }
+    });
+    let mut acked = HashSet::new();
+    while let Some(msg) = alice.recv() {
+        if msg.kind == Kind::Ack {
+            acked.insert(msg.text().unwrap().to_owned());
+            if acked.len() == STREAM / 3 {
+                server.kill().unwrap();
+            }
+        }
+    }
+    server.wait().unwrap();
+    sender.join().unwrap();
+    assert!(
+        acked.len() >= STREAM / 3,
+        "only {} ACKs before the connection ended",
+        acked.len()
+    );
+
+    // Restart on the same data: frank receives every acknowledged message exactly once.
+    let (mut server, port) = spawn(&dir);
+    let mut frank = Raw::connect(port);
+    frank.send(&login("frank", "t", 0)).unwrap();
+    let mut seen = HashSet::new();
+    let mut order = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    frank
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    while let Some(msg) = frank.recv() {
+        assert!(Instant::now() < deadline);
+        if msg.kind != Kind::CommonData {
+            continue;
+        }
+        let fp = msg.fp.as_ref().unwrap().as_str().to_owned();
+        frank.send(&ack("frank", "alice", &fp)).unwrap();
+        assert!(seen.insert(fp), "delivered twice");
+        order.push(msg.text().unwrap().parse::<usize>().unwrap());
+    }
+    assert!(
+        acked.iter().all(|fp| seen.contains(fp)),
+        "{} acknowledged, {} delivered",
+        acked.len(),
+        seen.len()
+    );
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "delivered out of order"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    server.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigterm_stores_messages_still_waiting_for_their_ack() {
+    let dir = temp_dir("offline-sigterm");
+    let (mut server, port) = spawn(&dir);
+    let mut alice = Raw::connect(port);
+    let mut bob = Raw::connect(port);
+    alice.send(&login("alice", "t", 0)).unwrap();
+    bob.send(&login("bob", "t", 0)).unwrap();
+    assert_eq!(alice.recv().unwrap().kind, Kind::LoginResponse);
+    assert_eq!(bob.recv().unwrap().kind, Kind::LoginResponse);
+    alice
+        .send(&data("alice", "bob", "in flight", Some("f-1")))
+        .unwrap();
+    // Bob receives it but never ACKs: it sits in the server's resend table.
+    let got = bob.recv().unwrap();
+    assert_eq!(got.text(), Some("in flight"));
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        server.wait().unwrap().success(),
+        "exit code 0 after SIGTERM"
+    );
+
+    let (mut server, port) = spawn(&dir);
+    let mut bob = Raw::connect(port);
+    bob.send(&login("bob", "t", 0)).unwrap();
+    assert_eq!(bob.recv().unwrap().kind, Kind::LoginResponse);
+    let again = bob.recv().unwrap();
+    assert_eq!(
+        (again.text(), again.fp.as_ref().unwrap().as_str()),
+        (Some("in flight"), "f-1")
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    server.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
