@@ -234,6 +234,9 @@ impl Store for RedbStore {
                     None => tables.counts.get(to)?.map_or(0, |v| v.value()),
                 };
                 if count >= max_per_user {
+                    // Refused, never silently: counted (StoreStats::over_limit) and the sender gets no ACK;
+                    // logged at debug only, since a full queue can refuse every message.
+                    tracing::debug!(to, max_per_user, "offline queue full: message refused");
                     outcomes.push(Appended::OverLimit);
                     continue;
                 }
@@ -308,6 +311,13 @@ impl Store for RedbStore {
         if !expired.is_empty() {
             let n = self.delete(to, &expired)?;
             self.counters.expired(n);
+            // Dropped, never silently: counted in the stats and said in the log.
+            tracing::info!(
+                to,
+                dropped = n,
+                max_age_secs = self.limits.max_age.as_secs(),
+                "expired offline messages dropped"
+            );
         }
         Ok(out)
     }
