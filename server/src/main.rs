@@ -260,6 +260,13 @@ fn main() -> anyhow::Result<()> {
         }
     };
 
+    // Signals are taken over before anything is announced, so a SIGTERM that follows the
+    // "listening" lines always gets the graceful path.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
     let server = imedge_server::runtime::start(&config, hooks).context("starting the server")?;
     tracing::info!(
         backend = server.backend,
@@ -278,11 +285,6 @@ fn main() -> anyhow::Result<()> {
 
     // The control thread: wait for SIGINT/SIGTERM, then drain and stop the cores.
     let stopper = server.stopper();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("installing signal handlers")?;
     std::thread::Builder::new()
         .name("imedge-signals".into())
         .spawn(move || {
