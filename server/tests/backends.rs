@@ -104,6 +104,38 @@ fn pipelined_bursts_come_back_whole_and_in_order() {
     }
 }
 
+/// A login, a keep-alive and half of a C2S message in one write, the rest of that message in a
+/// later one: the frames received behind the login are handled in order, on the user's core
+/// (most of these users hash to another core than the one that accepted their connection, so
+/// the connection migrates with the bytes not yet handled), and the split frame is put back
+/// together.
+#[test]
+fn frames_behind_a_login_travel_with_the_connection() {
+    let server = Server::start(4);
+    for n in 0..8 {
+        let uid = format!("behind-{n}");
+        let mut client = server.connect(T::Tcp);
+        let mut bytes = BytesMut::new();
+        tcp::encode(&login(&uid, "tok", 0), &mut bytes);
+        tcp::encode(&Message::keep_alive(UserId::from(uid.clone())), &mut bytes);
+        let c2s = data(&uid, "0", "hello server", Some(&format!("fp-{n}")));
+        let mut c2s = {
+            let mut frame = BytesMut::new();
+            tcp::encode(&c2s, &mut frame);
+            frame
+        };
+        let tail = c2s.split_off(c2s.len() / 2);
+        bytes.extend_from_slice(&c2s);
+        client.send_raw(&bytes);
+        client.expect(Kind::LoginResponse);
+        client.expect(Kind::KeepAliveResponse);
+        std::thread::sleep(Duration::from_millis(20));
+        client.send_raw(&tail);
+        let ack = client.expect(Kind::Ack);
+        assert_eq!(ack.text(), Some(format!("fp-{n}").as_str()));
+    }
+}
+
 /// A client with a tiny receive buffer that starts reading late: the server's sends wait in the
 /// kernel (or come back partial) while more replies queue behind them; nothing is lost or
 /// reordered.

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use imedge_protocol::frame::udp;
+use imedge_protocol::frame::{tcp, udp};
+use imedge_protocol::session::Transport;
 use imedge_protocol::Message;
 use slab::Slab;
 
@@ -314,6 +315,58 @@ impl<S> Base<S> {
         }
     }
 
+    /// Whether bytes received on a connection may be parsed where they lie
+    /// ([`Base::process_received`]) rather than appended to its `rx`: a plain TCP connection with
+    /// nothing buffered, not closing, not migrating. A WebSocket keeps the copy: its frames are
+    /// unmasked and reassembled by the frame decoder, whose state lives with `rx`.
+    pub fn takes_in_place(&self, index: usize) -> bool {
+        self.conns.get(index).is_some_and(|conn| {
+            conn.state.transport == Transport::Tcp
+                && conn.state.rx.is_empty()
+                && !conn.state.closing
+                && conn.migrate.is_none()
+        })
+    }
+
+    /// Hands the complete TCP frames in `received` (bytes just received on connection `index`,
+    /// for which [`Base::takes_in_place`] held) to the shard, each body decoded where it lies.
+    /// Stops at a partial frame, a frame error, or once the shard closes or migrates the
+    /// connection: what is left is copied into the connection's `rx` and handled exactly as the
+    /// copy path would ([`Base::process`]), so that it travels with a migrating connection.
+    /// Returns the migration, which the backend carries out.
+    pub fn process_received(
+        &mut self,
+        now: Now,
+        index: usize,
+        mut received: &mut [u8],
+    ) -> Option<(CoreId, Adopt)> {
+        let max = self.limits.tcp_max_body;
+        loop {
+            let conn = self.conns.get_mut(index)?;
+            if conn.migrate.is_some() || conn.state.closing {
+                break;
+            }
+            let Ok(Some(len)) = tcp::decode(received, max) else {
+                // A partial frame waits in `rx`; an oversize one is reported by `process`.
+                break;
+            };
+            // `decode` found the whole frame, so the split succeeds.
+            let Some((frame, rest)) =
+                std::mem::take(&mut received).split_at_mut_checked(tcp::PREFIX_LEN + len)
+            else {
+                break;
+            };
+            received = rest;
+            let id = conn_id(index, conn.generation);
+            if let Some(body) = frame.get_mut(tcp::PREFIX_LEN..) {
+                self.with_shard(|shard, io| shard.on_frame(now, id, body, io));
+            }
+        }
+        let conn = self.conns.get_mut(index)?;
+        conn.state.rx.extend_from_slice(received);
+        self.process(now, index)
+    }
+
     /// Removes a connection that is leaving for another core (the shard already forgot it).
     pub fn take(&mut self, index: usize) -> Option<Conn<S>> {
         self.conns.try_remove(index)
@@ -328,8 +381,9 @@ impl<S> Base<S> {
     }
 
     /// One datagram of `received` bytes from `from` (`bytes` holds at most the receive buffer's
-    /// worth of it). An oversize datagram ends the sender's session, as in the reference.
-    pub fn datagram(&mut self, now: Now, from: SocketAddr, received: usize, bytes: BytesMut) {
+    /// worth of it, and is decoded where it lies unless it is forwarded to another core). An
+    /// oversize datagram ends the sender's session, as in the reference.
+    pub fn datagram(&mut self, now: Now, from: SocketAddr, received: usize, bytes: &mut [u8]) {
         if udp::decode(received, self.limits.udp_max_datagram).is_err() {
             self.with_shard(|shard, io| shard.on_oversize_datagram(now, from, io));
         } else {

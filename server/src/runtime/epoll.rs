@@ -11,7 +11,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use imedge_protocol::frame::udp;
 use imedge_protocol::session::Transport;
 use mio::net::{TcpListener, TcpStream};
@@ -47,8 +46,9 @@ pub struct EpollCore {
     tcp: Option<TcpListener>,
     ws: Option<TcpListener>,
     scratch: Vec<u8>,
-    /// Receive buffer of the UDP socket; datagrams are split off it.
-    udp_rx: BytesMut,
+    /// Receive buffer of the UDP socket (one datagram and a byte more): a datagram is decoded
+    /// where it lies, copied only if it is forwarded to another core.
+    udp_rx: Vec<u8>,
     /// The UDP socket was left readable at the end of the last turn.
     udp_more: bool,
 }
@@ -93,7 +93,7 @@ impl EpollCore {
             tcp,
             ws,
             scratch: vec![0; READ_CHUNK],
-            udp_rx: BytesMut::new(),
+            udp_rx: vec![0; udp::recv_buffer_len(limits.udp_max_datagram)],
             udp_more: false,
         })
     }
@@ -274,17 +274,15 @@ impl EpollCore {
 
     fn receive(&mut self, now: Now) {
         self.udp_more = false;
-        let max = self.base.limits.udp_max_datagram;
         for _ in 0..DATAGRAMS_PER_TURN {
             let Some(socket) = self.base.udp.as_ref() else {
                 return;
             };
-            self.udp_rx.clear();
-            self.udp_rx.resize(udp::recv_buffer_len(max), 0);
             match socket.recv_from(&mut self.udp_rx) {
                 Ok((n, from)) => {
-                    let datagram = self.udp_rx.split_to(n);
-                    self.base.datagram(now, from, n, datagram);
+                    if let Some(datagram) = self.udp_rx.get_mut(..n) {
+                        self.base.datagram(now, from, n, datagram);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -55,6 +55,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::mem::ManuallyDrop;
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream};
+use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -302,7 +303,8 @@ impl Wake for EventFd {
 
 /// A provided buffer ring (an io_uring "buffer group"): `count` buffers of `size` bytes that the
 /// kernel takes from, one per receive completion, and that the loop gives back as soon as it has
-/// copied the bytes out — in the same turn, so buffers never pile up on the loop's side.
+/// handled the bytes (parsed them in place, or copied them out) — in the same turn, so buffers
+/// never pile up on the loop's side.
 ///
 /// Memory: a page-aligned ring of `count` 16-byte descriptors shared with the kernel (the tail,
 /// which only we advance, sits in the first descriptor's reserved field), and `count × size`
@@ -452,6 +454,27 @@ impl BufRing {
         // while this borrow lives.
         unsafe {
             std::slice::from_raw_parts(self.buffers.as_ptr().add(usize::from(bid) * self.size), len)
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`, which a completion handed to us, to parse in
+    /// place (simd-json unescapes strings where they lie).
+    fn bytes_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        if bid >= self.count {
+            return &mut [];
+        }
+        let len = len.min(self.size);
+        // SAFETY: `bid < count` and `len <= size` keep the slice inside the allocation, and
+        // inside buffer `bid` alone. The kernel wrote these bytes before posting the completion
+        // that named `bid` and took the buffer off the ring then: it writes into it again only
+        // after `recycle(bid)` describes it anew, which needs `&mut self` and so cannot happen
+        // while this borrow lives. Nothing else on our side aliases the buffer meanwhile (`bytes`
+        // needs `&self`).
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.buffers.as_ptr().add(usize::from(bid) * self.size),
+                len,
+            )
         }
     }
 
@@ -620,12 +643,20 @@ fn sockaddr(name: &[u8]) -> Option<SocketAddr> {
 }
 
 /// A datagram out of a multishot `RecvMsg` buffer: the sender, the datagram's real length
-/// (larger than the bytes kept if it was truncated) and the bytes kept.
-fn datagram(buffer: &[u8], msg: &libc::msghdr) -> Option<(SocketAddr, usize, BytesMut)> {
+/// (larger than the bytes kept if it was truncated) and where the bytes kept lie in `buffer`
+/// (after the header, the name field and the control field, as `RecvMsgOut::parse` lays them
+/// out), to be decoded there.
+// `msg_controllen` is a `usize` with glibc and a `u32` with musl.
+#[allow(clippy::useless_conversion)]
+fn datagram(buffer: &[u8], msg: &libc::msghdr) -> Option<(SocketAddr, usize, Range<usize>)> {
     let out = RecvMsgOut::parse(buffer, msg).ok()?;
     let from = sockaddr(out.name_data())?;
     let received = usize::try_from(out.incoming_payload_len()).unwrap_or(usize::MAX);
-    Some((from, received, BytesMut::from(out.payload_data())))
+    let start = RECVMSG_OUT_LEN
+        + usize::try_from(msg.msg_namelen).ok()?
+        + usize::try_from(msg.msg_controllen).ok()?;
+    let kept = start..start + out.payload_data().len();
+    Some((from, received, kept))
 }
 
 /// One core's event loop on its own ring.
@@ -1033,28 +1064,58 @@ impl UringCore {
         if !more {
             sock.receiving = false;
         }
+        let conn = sock.conn;
+        // The bytes were parsed in the provided buffer itself (then the migration it asked for).
+        let mut in_place = None;
         if let Some(bid) = cqueue::buffer_select(flags) {
             let len = usize::try_from(result).unwrap_or(0);
             if !shutting_down {
-                if let Some(rx) = sock.rx(&mut self.base.conns) {
-                    rx.extend_from_slice(self.tcp_buffers.bytes(bid, len));
+                match conn.filter(|&index| self.base.takes_in_place(index)) {
+                    // Zero copy: frames are cut and decoded where the kernel put them; only a
+                    // trailing partial frame (or what follows a close or migration) is copied.
+                    Some(index) => {
+                        let received = self.tcp_buffers.bytes_mut(bid, len);
+                        in_place = Some(self.base.process_received(now, index, received));
+                    }
+                    // A WebSocket (its frame decoder unmasks and reassembles from `rx`), or a
+                    // connection with input already buffered, closing, or leaving: append.
+                    None => {
+                        if let Some(rx) = self
+                            .socks
+                            .get_mut(key)
+                            .and_then(|sock| sock.rx(&mut self.base.conns))
+                        {
+                            rx.extend_from_slice(self.tcp_buffers.bytes(bid, len));
+                        }
+                    }
                 }
             }
             self.tcp_buffers.recycle(bid);
         }
-        let Some(index) = sock.conn else {
+        let Some(index) = conn else {
             self.settle(key);
             return;
         };
         match result {
-            1.. => {
-                if !shutting_down {
-                    self.process(now, index);
+            1.. => match in_place {
+                Some(Some((core, adopt))) => {
+                    // The connection leaves: its receive is cancelled, not re-armed.
+                    self.migrate(index, core, adopt);
                 }
-                if !more {
-                    self.arm_recv(key);
+                Some(None) => {
+                    if !more {
+                        self.arm_recv(key);
+                    }
                 }
-            }
+                None => {
+                    if !shutting_down {
+                        self.process(now, index);
+                    }
+                    if !more {
+                        self.arm_recv(key);
+                    }
+                }
+            },
             // The peer closed.
             0 => self.close_now(now, index),
             // Out of buffers (they are back by now), or a stale cancellation: receive again.
@@ -1094,10 +1155,14 @@ impl UringCore {
         if let Some(bid) = cqueue::buffer_select(flags) {
             let len = usize::try_from(result).unwrap_or(0);
             let received = datagram(self.udp_buffers.bytes(bid, len), &self.lent.udp_msg);
-            self.udp_buffers.recycle(bid);
-            if let (Some((from, received, bytes)), false) = (received, self.base.shutting_down) {
-                self.base.datagram(now, from, received, bytes);
+            if let (Some((from, received, kept)), false) = (received, self.base.shutting_down) {
+                // Decoded in the provided buffer itself (copied only if forwarded to another
+                // core), which goes back to the kernel right after.
+                if let Some(bytes) = self.udp_buffers.bytes_mut(bid, len).get_mut(kept) {
+                    self.base.datagram(now, from, received, bytes);
+                }
             }
+            self.udp_buffers.recycle(bid);
         }
         if cqueue::more(flags) {
             return;
@@ -1379,9 +1444,9 @@ mod tests {
     fn datagrams_come_out_of_recvmsg_buffers_with_their_real_length() {
         let from: SocketAddr = "10.1.2.3:4567".parse().unwrap();
         let buffer = recvmsg_buffer(from, b"{\"type\":0}", 10, false);
-        let (addr, received, bytes) = datagram(&buffer, &template()).unwrap();
+        let (addr, received, kept) = datagram(&buffer, &template()).unwrap();
         assert_eq!(
-            (addr, received, &bytes[..]),
+            (addr, received, &buffer[kept]),
             (from, 10, &b"{\"type\":0}"[..])
         );
 
@@ -1392,6 +1457,7 @@ mod tests {
         let buffer = recvmsg_buffer(from, &vec![b'x'; kept], 5000, true);
         let (_, received, bytes) = datagram(&buffer, &template()).unwrap();
         assert_eq!((received, bytes.len()), (5000, kept));
+        assert_eq!(bytes.end, buffer.len());
         assert!(udp::decode(received, max).is_err());
 
         // A buffer too short for the header and name: nothing.
@@ -1452,6 +1518,10 @@ mod tests {
         assert_eq!(ring.bytes(1, 1000).len(), 100);
         assert_eq!(ring.bytes(1, 10).len(), 10);
         assert!(ring.bytes(4, 10).is_empty());
+        ring.bytes_mut(1, 3).copy_from_slice(b"abc");
+        assert_eq!(ring.bytes(1, 3), b"abc");
+        assert_eq!(ring.bytes_mut(1, 1000).len(), 100);
+        assert!(ring.bytes_mut(4, 10).is_empty());
         ring.recycle(9); // not a buffer of this ring: ignored
         assert_eq!(published_tail(&ring), 6);
     }

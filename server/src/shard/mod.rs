@@ -33,6 +33,14 @@ use imedge_protocol::{Decoder, Fingerprint, Kind, Message, UserId};
 use crate::hooks::{Api, Command, ServerEvents, SessionInfo};
 use crate::timer::{TimerKey, TimerWheel};
 
+/// Room the relay encoding buffer wants before a message is encoded into it: a typical message
+/// fits without growing (a larger one just grows the buffer).
+const ENCODE_ROOM: usize = 1024;
+
+/// Size of the allocations the relay encoding buffer takes. Messages encoded one after another
+/// share one; a message kept for a resend keeps its whole chunk alive, so the chunk stays small.
+const ENCODE_CHUNK: usize = 4096;
+
 /// Index of a core (and of its shard).
 pub type CoreId = u16;
 
@@ -277,6 +285,9 @@ pub struct Shard {
     udp_via: CoreId,
     /// The durable offline store, if configured.
     offline: Option<OfflineStore>,
+    /// Where relayed messages (C2C, S2C) are encoded, once each: every encoded message is split
+    /// off it and frozen, so its allocation is reused once the earlier messages are dropped.
+    encoded: BytesMut,
     /// Users whose stored messages are being delivered, a page at a time.
     drains: HashMap<UserId<'static>, offline::Drain>,
     stats: Stats,
@@ -320,6 +331,7 @@ impl Shard {
             next_fp: 0,
             udp_via: core,
             offline: None,
+            encoded: BytesMut::new(),
             drains: HashMap::new(),
             stats: Stats::default(),
         }
@@ -385,20 +397,23 @@ impl Shard {
         self.stats.malformed += 1;
     }
 
-    /// One datagram received by this core's UDP socket.
+    /// One datagram received by this core's UDP socket, decoded in place in the receive buffer
+    /// unless its sender's session lives on another shard: only then is it copied, to be mailed
+    /// there.
     pub fn on_datagram(
         &mut self,
         now: Now,
         from: SocketAddr,
-        mut bytes: BytesMut,
+        bytes: &mut [u8],
         out: &mut dyn Outbox,
     ) {
         if let Some(&core) = self.udp_routes.get(&from) {
             let via = self.config.core;
+            let bytes = BytesMut::from(&*bytes);
             out.mail(core, ShardMsg::Datagram { from, bytes, via });
             return;
         }
-        self.on_udp(now, from, self.config.core, &mut bytes, out);
+        self.on_udp(now, from, self.config.core, bytes, out);
     }
 
     /// A datagram is too large for the configured limit: like the reference (which truncated
@@ -732,7 +747,7 @@ impl Shard {
                 if self.config.server_timestamps {
                     msg.sm = now.epoch_ms;
                 }
-                let json = Bytes::from(msg.to_json());
+                let json = self.encode_once(&msg);
                 self.deliver(
                     now,
                     route::Delivery {
@@ -749,6 +764,18 @@ impl Shard {
             }
             Command::Kick { uid, code, reason } => self.kick(now, &uid, code, reason, out),
         }
+    }
+
+    /// Encodes a relayed message into the shard's reusable buffer ([`Shard::encoded`]) and
+    /// returns it as shared bytes (queued to the recipient, kept for resends).
+    fn encode_once(&mut self, msg: &Message<'_>) -> Bytes {
+        if self.encoded.capacity() < ENCODE_ROOM {
+            // Reclaims the whole allocation if no earlier message still holds part of it, else
+            // starts a new one.
+            self.encoded.reserve(ENCODE_CHUNK);
+        }
+        msg.encode(&mut self.encoded);
+        self.encoded.split().freeze()
     }
 
     /// A fingerprint for a server-sent message: unique per core and process run.

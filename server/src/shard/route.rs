@@ -124,7 +124,7 @@ impl Shard {
             fp: fp.map(Fingerprint::into_owned),
             qos: msg.qos && msg.fp.is_some(),
             bridge: msg.bridge,
-            json: Bytes::from(msg.to_json()),
+            json: self.encode_once(&msg),
             reply_to: Some(self.config.core),
         };
         let target = delivery.to.as_ref().map_or(self.config.core, |to| {

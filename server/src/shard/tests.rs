@@ -179,9 +179,9 @@ impl World {
     }
 
     fn datagram(&mut self, core: CoreId, from: SocketAddr, msg: &Message<'_>) {
-        let bytes = BytesMut::from(&msg.to_json()[..]);
+        let mut bytes = msg.to_json();
         self.on(core, |shard, now, out| {
-            shard.on_datagram(now, from, bytes, out)
+            shard.on_datagram(now, from, &mut bytes, out)
         });
     }
 
