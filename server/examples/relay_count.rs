@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=cg.%p \
-//!     target/release/examples/relay_count uring 2000
+//!     target/release/examples/relay_count epoll 2000
 //! ```
 //!
 //! (thread 1 of the output is the clients; the others are the server). Valgrind cannot run the
