@@ -193,6 +193,9 @@ pub enum ShardMsg {
 enum Timer {
     /// Check whether the session has been silent for its idle timeout.
     Idle(Endpoint),
+    /// The QoS tables (resend table, de-duplication windows) have something due: their
+    /// earliest deadline, kept as one entry of the wheel.
+    Qos,
 }
 
 /// One session: a TCP or WebSocket connection on this core (logged in or not), or a logged-in
@@ -285,6 +288,8 @@ pub struct Shard {
     udp_via: CoreId,
     /// The durable offline store, if configured.
     offline: Option<OfflineStore>,
+    /// The wheel entry standing for the QoS tables' earliest deadline, and that deadline.
+    qos_timer: Option<(TimerKey, Instant)>,
     /// Where relayed messages (C2C, S2C) are encoded, once each: every encoded message is split
     /// off it and frozen, so its allocation is reused once the earlier messages are dropped.
     encoded: BytesMut,
@@ -331,6 +336,7 @@ impl Shard {
             next_fp: 0,
             udp_via: core,
             offline: None,
+            qos_timer: None,
             encoded: BytesMut::new(),
             drains: HashMap::new(),
             stats: Stats::default(),
@@ -513,25 +519,54 @@ impl Shard {
     }
 
     /// When [`Self::handle_timeout`] must run next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        [
-            self.timers.next_expiry(),
+    ///
+    /// Every timer of the shard is on its one wheel: session expiry entries, and one entry for
+    /// the QoS tables' earliest deadline, which this call (made by the loop before every wait)
+    /// keeps up to date.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.sync_qos_timer();
+        self.timers.next_expiry()
+    }
+
+    /// Moves the wheel's QoS entry to the tables' earliest deadline (or removes it).
+    fn sync_qos_timer(&mut self) {
+        let due = [
             self.resend.poll_timeout(),
             self.dedup.poll_timeout(),
             self.c2c_done.poll_timeout(),
         ]
         .into_iter()
         .flatten()
-        .min()
+        .min();
+        if self.qos_timer.map(|(_, at)| at) == due {
+            return;
+        }
+        if let Some((key, _)) = self.qos_timer.take() {
+            self.timers.cancel(key);
+        }
+        self.qos_timer = due.map(|at| (self.timers.insert(at, Timer::Qos), at));
     }
 
     /// Runs the timers due at `now`: idle expiry, QoS resends, the dedup sweep.
     pub fn handle_timeout(&mut self, now: Now, out: &mut dyn Outbox) {
+        let mut qos_due = false;
         while let Some(timer) = self.timers.poll(now.mono) {
             match timer {
                 Timer::Idle(endpoint) => self.check_idle(now, endpoint, out),
+                Timer::Qos => {
+                    self.qos_timer = None;
+                    qos_due = true;
+                }
             }
         }
+        if qos_due {
+            self.run_qos(now, out);
+        }
+        self.sync_qos_timer();
+    }
+
+    /// The QoS tables' due work: de-duplication sweeps, resends, losses.
+    fn run_qos(&mut self, now: Now, out: &mut dyn Outbox) {
         self.dedup.handle_timeout(now.mono);
         self.c2c_done.handle_timeout(now.mono);
         self.resend.handle_timeout(now.mono);

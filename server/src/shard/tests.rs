@@ -189,7 +189,7 @@ impl World {
         let target = self.now.mono + by;
         // Step through every timer so they fire at their own time, like the event loop would.
         loop {
-            let next = self.shards.iter().filter_map(Shard::poll_timeout).min();
+            let next = self.shards.iter_mut().filter_map(Shard::poll_timeout).min();
             let step = match next {
                 Some(at) if at <= target => at.max(self.now.mono),
                 _ => break,
