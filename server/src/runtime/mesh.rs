@@ -18,6 +18,10 @@ use crate::shard::{Adopt, CoreId, ShardMsg};
 /// bounding memory (a mail is ~100 bytes: ~6 MiB per core worst case).
 pub const INBOX_CAPACITY: usize = 65_536;
 
+/// How long a thread outside the loops waits for room in a full inbox before dropping its mail.
+/// A running core drains thousands of mails per millisecond; a second means it has stopped.
+pub const POST_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Mail a core holds back for a full inbox before it starts dropping (per target core).
 pub const MAX_OVERFLOW: usize = 65_536;
 
@@ -117,15 +121,31 @@ impl Mesh {
         }
     }
 
-    /// Delivers `mail` to `core` from outside the loops (the control thread), waiting for room
-    /// if the inbox is full (the loops keep draining their inboxes), and wakes the core.
+    /// Delivers `mail` to `core` from outside the loops (the control thread, the store's
+    /// writer), waiting for room if the inbox is full (the loops keep draining their inboxes),
+    /// and wakes the core. A core that has stopped drains nothing: after [`POST_PATIENCE`] the
+    /// mail is dropped and counted rather than hanging the caller (a dropped store receipt only
+    /// means the sender resends, and the store de-duplicates the resend).
     pub fn post(&self, core: CoreId, mut mail: Mail) {
-        while let Some(inbox) = self.inboxes.get(usize::from(core)) {
+        let Some(inbox) = self.inboxes.get(usize::from(core)) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + POST_PATIENCE;
+        loop {
             match inbox.push(mail) {
                 Ok(()) => break,
-                Err(back) => {
+                Err(back) if std::time::Instant::now() < deadline => {
                     mail = back;
+                    self.wake(core);
                     std::thread::yield_now();
+                }
+                Err(_) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        core,
+                        "inbox full for too long: mail from outside the loops dropped"
+                    );
+                    break;
                 }
             }
         }

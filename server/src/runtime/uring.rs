@@ -1199,6 +1199,14 @@ impl UringCore {
             core,
             adopt,
         }));
+        self.cancel_pending(key);
+    }
+
+    /// Cancels the receive and send pending on a socket, then settles it (see [`Self::settle`]).
+    fn cancel_pending(&mut self, key: usize) {
+        let Some(sock) = self.socks.get(key) else {
+            return;
+        };
         let (receiving, sending) = (sock.receiving, sock.sending.is_some());
         if receiving {
             self.cancel(Op::Recv(key));
@@ -1221,14 +1229,7 @@ impl UringCore {
         // Ends the pending receive (it completes with 0) and send (EPIPE) promptly; the
         // cancellations make sure.
         let _ = sock.stream.shutdown(Shutdown::Both);
-        let (receiving, sending) = (sock.receiving, sock.sending.is_some());
-        if receiving {
-            self.cancel(Op::Recv(key));
-        }
-        if sending {
-            self.cancel(Op::Send(key));
-        }
-        self.settle(key);
+        self.cancel_pending(key);
     }
 
     /// Finishes with a socket whose connection closed or left, once nothing is pending on it: a

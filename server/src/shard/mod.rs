@@ -237,6 +237,8 @@ pub struct Stats {
     pub lost: u64,
     /// Inputs that failed to decode.
     pub malformed: u64,
+    /// QoS messages sent without a resend entry because the resend table was full.
+    pub untracked: u64,
 }
 
 impl Stats {
@@ -250,6 +252,7 @@ impl Stats {
         self.resent += other.resent;
         self.lost += other.lost;
         self.malformed += other.malformed;
+        self.untracked += other.untracked;
     }
 }
 

@@ -88,7 +88,8 @@ impl Shard {
             Box::new(move |result| {
                 let durable = result.as_ref().is_ok_and(|a| a.is_durable());
                 if let Err(error) = &result {
-                    tracing::warn!(%error, "offline message not stored; the sender gets no ACK");
+                    // Per message, so debug only: the writer counts busy and failed requests.
+                    tracing::debug!(%error, "offline message not stored; the sender gets no ACK");
                 }
                 if let Some((core, mut receipt)) = receipt {
                     receipt.outcome = if durable {
@@ -124,7 +125,7 @@ impl Shard {
             record,
             Box::new(|result| {
                 if let Err(error) = result {
-                    tracing::warn!(%error, "lost real-time message not stored");
+                    tracing::debug!(%error, "lost real-time message not stored");
                 }
             }),
         );

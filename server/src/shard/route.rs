@@ -158,7 +158,8 @@ impl Shard {
                     };
                     let key = Fingerprint::from(qos_key(to.as_str(), fp.as_str()));
                     if self.resend.insert(now.mono, key, pending).is_err() {
-                        tracing::warn!("server resend table full; message sent without resends");
+                        // Per message, so counted rather than logged.
+                        self.stats.untracked += 1;
                     }
                 }
                 if !delivery.from.is_server() {
