@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub offline_max_per_user: usize,
     /// Stored messages older than this are dropped at delivery time, and counted.
     pub offline_max_age: Duration,
+    /// Benchmark mode: echo every frame and datagram back to its sender, bypassing the protocol
+    /// (see `runtime::Limits::echo`). Never for production.
+    pub bench_echo: bool,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +83,7 @@ impl Default for ServerConfig {
             offline_store: true,
             offline_max_per_user: crate::store::DEFAULT_MAX_PER_USER,
             offline_max_age: crate::store::DEFAULT_MAX_AGE,
+            bench_echo: false,
         }
     }
 }

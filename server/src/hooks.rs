@@ -6,16 +6,19 @@
 //! (no disk or network I/O, no locks held for long). Work that needs to wait belongs on another
 //! thread; hand it over through a channel. What a hook wants the server to do (send a message to
 //! a user, kick a session) goes through the [`Api`] it is given and is carried out right after
-//! the hook returns.
+//! the hook returns; [`Api::is_online`] answers at once.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use imedge_protocol::message::payload::LoginRequest;
 use imedge_protocol::session::Transport;
 use imedge_protocol::{Message, UserId};
+
+pub use crate::shard::Presence;
 
 /// What a hook knows about the session it is called for.
 #[derive(Debug, Clone, Copy)]
@@ -94,10 +97,11 @@ pub trait ServerEvents: Send + Sync + 'static {
     }
 }
 
-/// What a hook may ask the server to do; carried out after the hook returns.
+/// What a hook may ask the server to do (carried out after the hook returns), and who is online.
 #[derive(Debug, Default)]
 pub struct Api {
     pub(crate) commands: Vec<Command>,
+    presence: Arc<Presence>,
 }
 
 /// A request made through [`Api`].
@@ -126,6 +130,20 @@ pub enum Command {
 }
 
 impl Api {
+    /// An API that sees the online users in `presence`.
+    pub(crate) fn new(presence: Arc<Presence>) -> Self {
+        Self {
+            commands: Vec::new(),
+            presence,
+        }
+    }
+
+    /// Whether `uid` is logged in, on any core, answered at once (see [`Presence`]: exact for
+    /// users of the hook's own core, as of their last login or logout for the others).
+    pub fn is_online(&self, uid: &str) -> bool {
+        self.presence.is_online(uid)
+    }
+
     /// Sends `text` from the server to `to` (S2C, SPEC §7.3).
     pub fn send(&mut self, to: &str, text: impl Into<String>, typeu: i32, qos: bool) {
         self.commands.push(Command::Send {

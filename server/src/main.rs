@@ -154,6 +154,11 @@ struct Args {
     /// Stored messages older than this many seconds are dropped [default: 604800 = 7 days].
     #[arg(long, env = "IMEDGE_OFFLINE_MAX_AGE")]
     offline_max_age: Option<u64>,
+    /// Benchmark mode: echo every TCP/WebSocket frame and UDP datagram back as it came, through
+    /// the server's own event loops but without the protocol (the floor `scripts/bench.sh`
+    /// compares against). Not a server: nobody can log in.
+    #[arg(long, hide = true)]
+    bench_echo: bool,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -241,6 +246,10 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(secs) = args.offline_max_age.or(file.offline_max_age) {
         config.offline_max_age = Duration::from_secs(secs);
+    }
+    config.bench_echo = args.bench_echo;
+    if config.bench_echo {
+        tracing::warn!("benchmark echo mode: frames are echoed, the protocol is off");
     }
     if config.threads == 0 {
         bail!("--threads must be at least 1");

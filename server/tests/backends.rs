@@ -136,6 +136,86 @@ fn frames_behind_a_login_travel_with_the_connection() {
     }
 }
 
+/// A masked WebSocket frame as a client writes it.
+fn ws_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    frame
+}
+
+/// Whole WebSocket text frames (unmasked where they were received), a ping, a message in two
+/// fragments and a frame split across writes, all behind each other: every message is handled,
+/// in order, whether it was cut in place or went through the buffered decoder.
+#[test]
+fn websocket_frames_in_place_and_buffered_come_out_in_order() {
+    let server = Server::start(1);
+    let mut client = server.connect(T::Ws);
+    client.login("ws-mixed");
+    let echo = |text: &str| {
+        let mut msg = Message::data(UserId::new("ws-mixed"), UserId::new("0"), text, None);
+        msg.kind = Kind::Echo;
+        msg.to_json()
+    };
+    let first = echo("00 whole");
+    let second = echo("01 fragmented");
+    let third = echo(&format!("02 long {}", "x".repeat(300)));
+    let fourth = echo("03 split");
+    let (head, tail) = second.split_at(10);
+    let mut bytes = ws_frame(0x1, true, &first);
+    bytes.extend(ws_frame(0x9, true, b"ping"));
+    bytes.extend(ws_frame(0x1, false, head));
+    bytes.extend(ws_frame(0x0, true, tail));
+    bytes.extend(ws_frame(0x1, true, &third));
+    let split = ws_frame(0x1, true, &fourth);
+    bytes.extend_from_slice(&split[..7]);
+    client.send_raw(&bytes);
+    std::thread::sleep(Duration::from_millis(20));
+    client.send_raw(&split[7..]);
+    for prefix in ["00", "01", "02", "03"] {
+        let reply = client.expect(Kind::EchoResponse);
+        assert!(reply.text().unwrap().starts_with(prefix), "{reply:?}");
+    }
+}
+
+/// `--bench-echo`: the loops send every TCP frame, WebSocket message and UDP datagram back as
+/// it came, whatever it holds, without the protocol.
+#[test]
+fn bench_echo_mode_returns_frames_and_datagrams_unchanged() {
+    let mut config = config(1);
+    config.bench_echo = true;
+    let server = Server::with(config, Arc::new(AllowAll));
+    for transport in [T::Tcp, T::Udp, T::Ws] {
+        let mut client = server.connect(transport);
+        // Up to the UDP datagram limit (2048): a longer datagram is cut at the receive buffer.
+        for size in [0usize, 1, 100, 2000] {
+            let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let body = if transport == T::Ws {
+                vec![b'w'; size]
+            } else {
+                body
+            };
+            client.send_body(&body);
+            match client.recv_body_within(WAIT) {
+                RecvBody::Body(echoed) => assert!(
+                    echoed == body,
+                    "{transport:?} {size}: {} bytes back",
+                    echoed.len()
+                ),
+                other => panic!("{transport:?} {size}: {other:?}"),
+            }
+        }
+    }
+}
+
 /// A client with a tiny receive buffer that starts reading late: the server's sends wait in the
 /// kernel (or come back partial) while more replies queue behind them; nothing is lost or
 /// reordered.

@@ -8,10 +8,12 @@
 //!
 //! * [`accept`] — one upgrade request → the `101` response, or an HTTP error response.
 //! * [`FrameDecoder`] — frames → [`Unit`]s: text payloads (unmasked in place, zero copy for
-//!   unfragmented frames), ping, pong, close.
+//!   unfragmented frames), ping, pong, close; [`FrameDecoder::text_in_place`] unmasks a whole text
+//!   frame where it lies in a plain byte slice (the server's provided receive buffers).
 //! * [`encode_message`], [`encode_text`], [`encode_close`], [`encode_pong`] — frames out.
 
 use std::io::Cursor;
+use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tungstenite::error::{CapacityError, Error as TungsteniteError, ProtocolError};
@@ -258,6 +260,37 @@ impl FrameDecoder {
                 | OpCode::Control(Control::Reserved(_)) => return Err(WsError::Protocol),
             }
         }
+    }
+
+    /// The common case without a copy: if `src` starts with a whole, final text frame and no
+    /// fragmented message is in progress, unmasks its payload where it lies and returns where the
+    /// payload is and how long the frame is. Anything else — an incomplete frame, a control
+    /// frame, a fragment, a frame [`FrameDecoder::decode`] would refuse — gives `None` and leaves
+    /// `src` untouched: those bytes belong in the buffered path, where `decode` handles them (and
+    /// reports the error, if any).
+    pub fn text_in_place(&self, src: &mut [u8]) -> Option<(Range<usize>, usize)> {
+        if self.partial.is_some() {
+            return None;
+        }
+        let mut cursor = Cursor::new(&*src);
+        let (header, length) = FrameHeader::parse(&mut cursor).ok()??;
+        if !header.is_final || !matches!(header.opcode, OpCode::Data(Data::Text)) {
+            return None;
+        }
+        self.check(&header, length).ok()?;
+        let header_len = usize::try_from(cursor.position()).ok()?;
+        let end = header_len.checked_add(usize::try_from(length).ok()?)?;
+        let payload = src.get_mut(header_len..end)?;
+        if let Some(mask) = header.mask {
+            apply_mask(payload, mask);
+        }
+        Some((header_len..end, end))
+    }
+
+    /// Whether no fragmented message is being reassembled (so that the next frame may be taken
+    /// with [`FrameDecoder::text_in_place`]).
+    pub fn is_idle(&self) -> bool {
+        self.partial.is_none()
     }
 
     /// Validates a frame header against RFC 6455, the role and the payload limit.
@@ -616,6 +649,50 @@ content-length: 0\r\nconnection: close\r\n\r\n"
         assert_eq!(&src[..], b"\x81", "the next frame's first byte stays");
         assert!(decoder.decode(&mut src).unwrap().is_none());
         assert_eq!(&src[..], b"\x81");
+    }
+
+    #[test]
+    fn whole_text_frames_are_unmasked_where_they_lie() {
+        let mut src = masked(0x1, true, b"{\"type\":1}").to_vec();
+        let first = src.len();
+        src.extend_from_slice(&masked(0x1, true, &[b'x'; 300]));
+        let decoder = server();
+        let (body, len) = decoder.text_in_place(&mut src).unwrap();
+        assert_eq!(len, first);
+        assert_eq!(&src[body], b"{\"type\":1}");
+        let rest = &mut src[first..];
+        let (body, len) = decoder.text_in_place(rest).unwrap();
+        assert_eq!(len, rest.len(), "a 16-bit length frame");
+        assert_eq!(&rest[body], &[b'x'; 300][..]);
+    }
+
+    #[test]
+    fn in_place_leaves_everything_else_untouched() {
+        let decoder = server();
+        let frame = masked(0x1, true, b"{\"type\":1}");
+        let cases = [
+            frame[..frame.len() - 1].to_vec(),   // incomplete
+            masked(0x9, true, b"ping").to_vec(), // control
+            masked(0x1, false, b"{").to_vec(),   // first fragment
+            masked(0x2, true, b"bin").to_vec(),  // binary: decode reports it
+            {
+                let mut unmasked = frame.to_vec(); // no mask from a client: decode reports it
+                unmasked[1] &= 0x7f;
+                unmasked
+            },
+        ];
+        for case in cases {
+            let mut src = case.clone();
+            assert!(decoder.text_in_place(&mut src).is_none(), "{case:?}");
+            assert_eq!(src, case);
+        }
+        // While a fragmented message is in progress, whole frames go through `decode` too.
+        let mut decoder = server();
+        let mut src = masked(0x1, false, b"{");
+        assert!(decoder.decode(&mut src).unwrap().is_none());
+        assert!(!decoder.is_idle());
+        let mut src = frame.to_vec();
+        assert!(decoder.text_in_place(&mut src).is_none());
     }
 
     #[test]

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use imedge_protocol::frame::{tcp, udp};
-use imedge_protocol::session::Transport;
+use imedge_protocol::frame::udp;
 use imedge_protocol::Message;
 use slab::Slab;
 
@@ -131,11 +130,15 @@ impl<S> Io<'_, S> {
     }
 
     fn send_datagram(&self, bytes: &[u8], to: SocketAddr) {
-        if let Some(socket) = self.udp {
-            if let Err(error) = socket.send_to(bytes, to) {
-                // UDP is lossy by nature; QoS resends cover what matters.
-                tracing::debug!(%to, %error, "datagram not sent");
-            }
+        send_datagram(self.udp, bytes, to);
+    }
+}
+
+fn send_datagram(udp: Option<&UdpSocket>, bytes: &[u8], to: SocketAddr) {
+    if let Some(socket) = udp {
+        if let Err(error) = socket.send_to(bytes, to) {
+            // UDP is lossy by nature; QoS resends cover what matters.
+            tracing::debug!(%to, %error, "datagram not sent");
         }
     }
 }
@@ -296,6 +299,10 @@ impl<S> Base<S> {
             }
             let id = conn_id(index, conn.generation);
             match conn.state.next(self.limits.tcp_max_body) {
+                Next::Body(body) if self.limits.echo => {
+                    conn.state.queue_json(&body);
+                    self.dirty.push(index);
+                }
                 Next::Body(mut body) => {
                     self.with_shard(|shard, io| shard.on_frame(now, id, &mut body, io));
                 }
@@ -316,21 +323,18 @@ impl<S> Base<S> {
     }
 
     /// Whether bytes received on a connection may be parsed where they lie
-    /// ([`Base::process_received`]) rather than appended to its `rx`: a plain TCP connection with
-    /// nothing buffered, not closing, not migrating. A WebSocket keeps the copy: its frames are
-    /// unmasked and reassembled by the frame decoder, whose state lives with `rx`.
+    /// ([`Base::process_received`]) rather than appended to its `rx`: see
+    /// [`ConnState::takes_in_place`]; also not while it migrates.
     pub fn takes_in_place(&self, index: usize) -> bool {
-        self.conns.get(index).is_some_and(|conn| {
-            conn.state.transport == Transport::Tcp
-                && conn.state.rx.is_empty()
-                && !conn.state.closing
-                && conn.migrate.is_none()
-        })
+        self.conns
+            .get(index)
+            .is_some_and(|conn| conn.migrate.is_none() && conn.state.takes_in_place())
     }
 
-    /// Hands the complete TCP frames in `received` (bytes just received on connection `index`,
-    /// for which [`Base::takes_in_place`] held) to the shard, each body decoded where it lies.
-    /// Stops at a partial frame, a frame error, or once the shard closes or migrates the
+    /// Hands the complete messages in `received` (bytes just received on connection `index`, for
+    /// which [`Base::takes_in_place`] held) to the shard, each cut, unmasked (WebSocket) and
+    /// decoded where it lies. Stops at what needs the buffered path (a partial frame, a frame
+    /// error, a WebSocket control frame or fragment) or once the shard closes or migrates the
     /// connection: what is left is copied into the connection's `rx` and handled exactly as the
     /// copy path would ([`Base::process`]), so that it travels with a migrating connection.
     /// Returns the migration, which the backend carries out.
@@ -346,21 +350,16 @@ impl<S> Base<S> {
             if conn.migrate.is_some() || conn.state.closing {
                 break;
             }
-            let Ok(Some(len)) = tcp::decode(received, max) else {
-                // A partial frame waits in `rx`; an oversize one is reported by `process`.
+            let Some(body) = conn.state.cut(&mut received, max) else {
                 break;
             };
-            // `decode` found the whole frame, so the split succeeds.
-            let Some((frame, rest)) =
-                std::mem::take(&mut received).split_at_mut_checked(tcp::PREFIX_LEN + len)
-            else {
-                break;
-            };
-            received = rest;
-            let id = conn_id(index, conn.generation);
-            if let Some(body) = frame.get_mut(tcp::PREFIX_LEN..) {
-                self.with_shard(|shard, io| shard.on_frame(now, id, body, io));
+            if self.limits.echo {
+                conn.state.queue_json(body);
+                self.dirty.push(index);
+                continue;
             }
+            let id = conn_id(index, conn.generation);
+            self.with_shard(|shard, io| shard.on_frame(now, id, body, io));
         }
         let conn = self.conns.get_mut(index)?;
         conn.state.rx.extend_from_slice(received);
@@ -384,7 +383,13 @@ impl<S> Base<S> {
     /// worth of it, and is decoded where it lies unless it is forwarded to another core). An
     /// oversize datagram ends the sender's session, as in the reference.
     pub fn datagram(&mut self, now: Now, from: SocketAddr, received: usize, bytes: &mut [u8]) {
-        if udp::decode(received, self.limits.udp_max_datagram).is_err() {
+        if self.limits.echo {
+            send_datagram(
+                self.udp.as_ref(),
+                bytes.get(..received).unwrap_or(bytes),
+                from,
+            );
+        } else if udp::decode(received, self.limits.udp_max_datagram).is_err() {
             self.with_shard(|shard, io| shard.on_oversize_datagram(now, from, io));
         } else {
             self.with_shard(|shard, io| shard.on_datagram(now, from, bytes, io));

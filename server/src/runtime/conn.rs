@@ -125,6 +125,51 @@ impl ConnState {
         }
     }
 
+    /// Whether received bytes may be cut into message bodies where they lie ([`ConnState::cut`])
+    /// instead of being appended to `rx`: nothing is buffered, the connection is not closing,
+    /// and a WebSocket has finished its upgrade and is not reassembling a fragmented message.
+    pub fn takes_in_place(&self) -> bool {
+        self.rx.is_empty()
+            && !self.closing
+            && match &self.ws {
+                None => true,
+                Some(WsPhase::Open(decoder)) => decoder.is_idle(),
+                Some(WsPhase::Handshake) => false,
+            }
+    }
+
+    /// Cuts the next message body off the front of `received` where it lies (a WebSocket frame's
+    /// payload is unmasked in place) and advances `received` past its frame. `None` for whatever
+    /// needs the buffered path: a partial or oversize TCP frame; a WebSocket control frame,
+    /// fragment, partial or invalid frame. Those bytes stay in `received`, for `rx` and
+    /// [`ConnState::next`], which handles them as if they had been copied all along.
+    pub fn cut<'a>(
+        &self,
+        received: &mut &'a mut [u8],
+        tcp_max_body: usize,
+    ) -> Option<&'a mut [u8]> {
+        let (body, frame_len) = match &self.ws {
+            None => {
+                let len = tcp::decode(received, tcp_max_body).ok()??;
+                (
+                    tcp::PREFIX_LEN..tcp::PREFIX_LEN + len,
+                    tcp::PREFIX_LEN + len,
+                )
+            }
+            Some(WsPhase::Open(decoder)) => decoder.text_in_place(received)?,
+            Some(WsPhase::Handshake) => return None,
+        };
+        let frame = std::mem::take(received);
+        if frame_len > frame.len() {
+            // Not reached: both decoders found the whole frame.
+            *received = frame;
+            return None;
+        }
+        let (frame, rest) = frame.split_at_mut(frame_len);
+        *received = rest;
+        frame.get_mut(body)
+    }
+
     /// Whether the connection speaks frames yet (a WebSocket finished its upgrade).
     fn is_open(&self) -> bool {
         !matches!(self.ws, Some(WsPhase::Handshake))

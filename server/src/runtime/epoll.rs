@@ -220,28 +220,36 @@ impl EpollCore {
         self.add_conn(now, TcpStream::from_std(stream), conn, Some(adopt));
     }
 
-    /// Reads everything available on a connection, then hands its complete messages to the shard.
+    /// Reads everything available on a connection, handing its complete messages to the shard:
+    /// parsed in the read buffer itself when the connection allows ([`Base::takes_in_place`]),
+    /// else appended to its `rx` first.
     fn read(&mut self, now: Now, index: usize) {
-        let Some(conn) = self.base.conns.get_mut(index) else {
-            return;
-        };
         let mut eof = false;
         loop {
-            match conn.sock.read(&mut self.scratch) {
+            let Some(conn) = self.base.conns.get_mut(index) else {
+                return;
+            };
+            let n = match conn.sock.read(&mut self.scratch) {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
-                Ok(n) => conn
-                    .state
-                    .rx
-                    .extend_from_slice(self.scratch.get(..n).unwrap_or_default()),
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     eof = true;
                     break;
                 }
+            };
+            let received = self.scratch.get_mut(..n).unwrap_or_default();
+            if self.base.takes_in_place(index) {
+                if let Some((core, adopt)) = self.base.process_received(now, index, received) {
+                    self.migrate(index, core, adopt);
+                    return;
+                }
+            } else if let Some(conn) = self.base.conns.get_mut(index) {
+                conn.state.rx.extend_from_slice(received);
             }
         }
         self.process(now, index);

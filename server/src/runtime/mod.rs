@@ -31,7 +31,7 @@ use imedge_protocol::UserId;
 
 use crate::hooks::{Command, ServerEvents};
 use crate::shard::{CoreId, Shard, ShardConfig, ShardMsg, Stats};
-use crate::shard::{OfflineStore, Post};
+use crate::shard::{OfflineStore, Post, Presence};
 use crate::store::group::GroupCommit;
 use crate::store::redb::RedbStore;
 use crate::store::{Limits as StoreLimits, Store};
@@ -40,13 +40,17 @@ use mesh::{Mail, Mesh, Query, Wake};
 /// Listen backlog of the TCP and WebSocket listeners (the reference's, SPEC §1.1).
 pub const LISTEN_BACKLOG: i32 = 4096;
 
-/// Frame limits the loops enforce.
+/// Frame limits the loops enforce, and what they do with a frame.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest TCP frame body.
     pub tcp_max_body: usize,
     /// Largest UDP datagram.
     pub udp_max_datagram: usize,
+    /// Benchmark mode (`--bench-echo`): every frame (TCP, WebSocket) and datagram goes straight
+    /// back to its sender instead of to the shard. The loops, buffers and writes are the server's
+    /// own, so this measures their floor — the cost of the I/O without the protocol.
+    pub echo: bool,
 }
 
 /// A running server.
@@ -464,6 +468,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
     let limits = Limits {
         tcp_max_body: config.tcp_max_body,
         udp_max_datagram: config.udp_max_datagram,
+        echo: config.bench_echo,
     };
     let cpus = if config.pin_threads {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -471,6 +476,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         Vec::new()
     };
 
+    let presence = Arc::new(Presence::new(cores));
     let mut threads = Vec::with_capacity(cores);
     let (ready, setups) = mpsc::channel();
     let sockets = tcp.into_iter().zip(ws).zip(udp);
@@ -486,6 +492,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         let hooks = Arc::clone(&hooks);
         let mesh = Arc::clone(&mesh);
         let offline = offline.clone();
+        let presence = Arc::clone(&presence);
         let cpu = cpus.get(core % cpus.len().max(1)).copied();
         let thread = std::thread::Builder::new()
             .name(format!("imedge-core-{core}"))
@@ -495,7 +502,8 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
                         tracing::warn!(core, "could not pin the event loop to a CPU");
                     }
                 }
-                let mut shard = Shard::new(shard_config, hooks, Instant::now());
+                let mut shard =
+                    Shard::new(shard_config, hooks, Instant::now()).with_presence(presence);
                 if let Some(offline) = offline {
                     shard = shard.with_store(offline);
                 }

@@ -1071,14 +1071,15 @@ impl UringCore {
             let len = usize::try_from(result).unwrap_or(0);
             if !shutting_down {
                 match conn.filter(|&index| self.base.takes_in_place(index)) {
-                    // Zero copy: frames are cut and decoded where the kernel put them; only a
-                    // trailing partial frame (or what follows a close or migration) is copied.
+                    // Zero copy: frames are cut, unmasked (WebSocket) and decoded where the kernel
+                    // put them; only a trailing partial frame, a WebSocket control frame or
+                    // fragment, or what follows a close or migration is copied.
                     Some(index) => {
                         let received = self.tcp_buffers.bytes_mut(bid, len);
                         in_place = Some(self.base.process_received(now, index, received));
                     }
-                    // A WebSocket (its frame decoder unmasks and reassembles from `rx`), or a
-                    // connection with input already buffered, closing, or leaving: append.
+                    // A connection with input already buffered, a WebSocket upgrading or
+                    // reassembling a fragmented message, closing, or leaving: append.
                     None => {
                         if let Some(rx) = self
                             .socks

@@ -13,7 +13,7 @@ use imedge_protocol::session::Transport;
 use imedge_protocol::Message;
 
 use super::{shard_for, Adopt, Endpoint, Now, Outbox, Shard, ShardMsg};
-use crate::hooks::{Api, SessionInfo};
+use crate::hooks::SessionInfo;
 
 impl Shard {
     /// A type-0 message on `endpoint` (SPEC §5.1).
@@ -117,7 +117,7 @@ impl Shard {
         };
         let (transport, peer) = (session.transport, session.peer);
         if self.online.get(&uid) == Some(&endpoint) {
-            self.online.remove(&uid);
+            self.set_offline(uid.as_str());
             let info = SessionInfo {
                 uid: uid.as_str(),
                 transport,
@@ -171,7 +171,7 @@ impl Shard {
                 );
                 // The newcomer takes the table first, so the kicked session ends without an
                 // `on_logout` for a user who is still online (SPEC §5.5).
-                self.online.insert(uid.clone(), endpoint);
+                self.set_online(&uid, endpoint);
                 self.kick_session(now, old, &uid, KICKOUT_DUPLICATE_LOGIN, None, out);
             }
             // Equal times: both stay; the newcomer becomes the current session (reference v6.5).
@@ -185,12 +185,12 @@ impl Shard {
         session.kickout_code = None;
         let info_transport = session.transport;
         let info_peer = session.peer;
-        self.online.insert(uid.clone(), endpoint);
+        self.set_online(&uid, endpoint);
         self.stats.logins += 1;
         let reply = Message::login_response(uid.borrowed(), LoginResponse::ok(first_login_time));
         self.send(now, endpoint, reply, out);
 
-        let mut api = Api::default();
+        let mut api = self.api();
         self.hooks.on_login(
             login.extra.as_deref(),
             SessionInfo {

@@ -15,9 +15,11 @@
 
 mod login;
 mod offline;
+mod presence;
 mod route;
 
 pub use offline::{OfflineStore, Post, LOGIN_PAGE};
+pub use presence::Presence;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -275,8 +277,10 @@ pub struct Shard {
     decoder: Decoder,
     timers: TimerWheel<Timer>,
     sessions: HashMap<Endpoint, Session>,
-    /// uid → its current session (last login wins, SPEC §5.2).
+    /// uid → its current session (last login wins, SPEC §5.2). Mirrored in `presence`.
     online: HashMap<UserId<'static>, Endpoint>,
+    /// Every core's online users, for the hooks' `Api::is_online`.
+    presence: Arc<Presence>,
     /// UDP clients that reach this core's socket but whose sessions live on another shard.
     udp_routes: HashMap<SocketAddr, CoreId>,
     /// Server-sent QoS messages waiting for their ACK, keyed by recipient and fingerprint.
@@ -324,7 +328,7 @@ fn qos_key(uid: &str, fp: &str) -> String {
 impl Shard {
     /// A shard with no sessions.
     pub fn new(config: ShardConfig, hooks: Arc<dyn ServerEvents>, now: Instant) -> Self {
-        let core = config.core;
+        let (core, cores) = (config.core, config.cores);
         Self {
             resend: QosSender::new(config.qos, now),
             dedup: QosReceiver::new(config.dedup, now),
@@ -335,6 +339,7 @@ impl Shard {
             timers: TimerWheel::new(now),
             sessions: HashMap::new(),
             online: HashMap::new(),
+            presence: Arc::new(Presence::new(cores)),
             udp_routes: HashMap::new(),
             next_fp: 0,
             udp_via: core,
@@ -350,6 +355,31 @@ impl Shard {
     pub fn with_store(mut self, offline: OfflineStore) -> Self {
         self.offline = Some(offline);
         self
+    }
+
+    /// Shares one presence table among the shards of a server (each has its own otherwise).
+    pub fn with_presence(mut self, presence: Arc<Presence>) -> Self {
+        self.presence = presence;
+        self
+    }
+
+    /// Makes `endpoint` the current session of `uid`.
+    fn set_online(&mut self, uid: &UserId<'static>, endpoint: Endpoint) {
+        if self.online.insert(uid.clone(), endpoint).is_none() {
+            self.presence.insert(uid.as_str());
+        }
+    }
+
+    /// Takes `uid` out of the online table.
+    fn set_offline(&mut self, uid: &str) {
+        if self.online.remove(uid).is_some() {
+            self.presence.remove(uid);
+        }
+    }
+
+    /// The hooks' API, which can see who is online.
+    fn api(&self) -> Api {
+        Api::new(Arc::clone(&self.presence))
     }
 
     /// This shard's counters.
@@ -656,7 +686,7 @@ impl Shard {
     /// Removes `uid` from the online table if `endpoint` is its current session.
     fn logout_uid(&mut self, uid: &UserId<'static>, endpoint: Endpoint, session: &Session) {
         if self.online.get(uid) == Some(&endpoint) {
-            self.online.remove(uid);
+            self.set_offline(uid.as_str());
             self.hooks.on_logout(
                 SessionInfo {
                     uid: uid.as_str(),

@@ -16,7 +16,7 @@ use imedge_protocol::session::Transport;
 use imedge_protocol::{Fingerprint, Message, UserId};
 
 use super::{qos_key, shard_for, CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg};
-use crate::hooks::{Api, SessionInfo, Undelivered};
+use crate::hooks::{SessionInfo, Undelivered};
 
 /// An encoded message on its way to its recipient's shard.
 #[derive(Debug, Clone)]
@@ -96,7 +96,7 @@ impl Shard {
                     return;
                 }
             }
-            let mut api = Api::default();
+            let mut api = self.api();
             self.hooks.on_c2s(&msg, info, &mut api);
             self.run_hook_commands(now, api, out);
             return;

@@ -53,6 +53,8 @@ struct Probe {
     lost: Mutex<Vec<String>>,
     store_offline: bool,
     stored: Mutex<Vec<String>>,
+    /// For each C2S message: its text, taken as a uid, and whether `Api::is_online` saw it.
+    online_seen: Mutex<Vec<(String, bool)>>,
 }
 
 impl ServerEvents for Probe {
@@ -66,8 +68,11 @@ impl ServerEvents for Probe {
             .unwrap()
             .push((session.uid.to_owned(), kickout_code));
     }
-    fn on_c2s(&self, _msg: &Message<'_>, _session: SessionInfo<'_>, _api: &mut Api) {
+    fn on_c2s(&self, msg: &Message<'_>, _session: SessionInfo<'_>, api: &mut Api) {
         self.c2s.fetch_add(1, Ordering::SeqCst);
+        let uid = msg.text().unwrap_or_default().to_owned();
+        let online = api.is_online(&uid);
+        self.online_seen.lock().unwrap().push((uid, online));
     }
     fn on_offline(&self, msg: Undelivered<'_>) -> bool {
         if self.store_offline {
@@ -103,6 +108,7 @@ fn peer(port: u16) -> SocketAddr {
 impl World {
     fn new(cores: usize, hooks: Arc<dyn ServerEvents>) -> Self {
         let mono = Instant::now();
+        let presence = Arc::new(Presence::new(cores));
         let shards = (0..cores)
             .map(|core| {
                 Shard::new(
@@ -110,6 +116,7 @@ impl World {
                     Arc::clone(&hooks),
                     mono,
                 )
+                .with_presence(Arc::clone(&presence))
             })
             .collect();
         Self {
@@ -803,4 +810,32 @@ fn ack(from: &str, to: &str, fp: &str) -> Message<'static> {
         Fingerprint::from(fp.to_owned()),
         false,
     )
+}
+
+#[test]
+fn hooks_see_who_is_online_on_every_core() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(2, probe.clone());
+    let alice = uid_on(0, 2, "alice");
+    let bob = uid_on(1, 2, "bob");
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, &alice, 0);
+    w.login(b, &bob, 0);
+    assert_eq!(w.conn_core[&b], 1, "bob's session lives on the other core");
+    w.frame(a, &data(&alice, "0", &bob, Some("fp-1")));
+    w.frame(a, &data(&alice, "0", &alice, Some("fp-2")));
+    w.frame(a, &data(&alice, "0", "nobody", Some("fp-3")));
+    w.on(1, |shard, now, out| shard.on_closed(now, b, out));
+    w.frame(a, &data(&alice, "0", &bob, Some("fp-4")));
+    let seen = probe.online_seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            (bob.clone(), true),
+            (alice.clone(), true),
+            ("nobody".to_owned(), false),
+            (bob.clone(), false),
+        ]
+    );
 }
