@@ -311,6 +311,7 @@ impl<S> Base<S> {
                     if !conn.state.tx.is_empty() {
                         self.dirty.push(index);
                     }
+                    conn.state.release_empty_buffers();
                     return None;
                 }
                 Next::Close => {

@@ -13,8 +13,6 @@ use imedge_protocol::Message;
 /// make the server buffer without bound. 4 MiB is hundreds of messages of the largest size.
 pub const MAX_TX_BUFFER: usize = 4 << 20;
 
-/// Initial capacity of a connection's receive buffer: a few typical messages.
-pub const RX_CAPACITY: usize = 1024;
 
 /// Where a WebSocket connection is in its life.
 #[derive(Debug)]
@@ -32,7 +30,9 @@ pub struct ConnState {
     pub transport: Transport,
     /// The peer's address.
     pub peer: SocketAddr,
-    /// Received bytes not yet cut into messages.
+    /// Received bytes not yet cut into messages. Allocated only when needed: whole frames are
+    /// parsed where they were received, so an idle session that sent only whole frames (most)
+    /// holds no receive buffer at all.
     pub rx: BytesMut,
     /// Bytes queued for the socket.
     pub tx: BytesMut,
@@ -58,7 +58,7 @@ impl ConnState {
         Self {
             transport,
             peer,
-            rx: BytesMut::with_capacity(RX_CAPACITY),
+            rx: BytesMut::new(),
             tx: BytesMut::new(),
             closing: false,
             ws: (transport == Transport::Ws).then_some(WsPhase::Handshake),
@@ -122,6 +122,18 @@ impl ConnState {
                     }
                 }
             },
+        }
+    }
+
+    /// Gives back the memory of buffers that are empty, so that an idle connection holds none
+    /// (a busy one allocates again on its next partial frame or write: one allocation against
+    /// a system call's worth of work).
+    pub fn release_empty_buffers(&mut self) {
+        if self.rx.is_empty() && self.rx.capacity() > 0 {
+            self.rx = BytesMut::new();
+        }
+        if self.tx.is_empty() && self.tx.capacity() > 0 {
+            self.tx = BytesMut::new();
         }
     }
 

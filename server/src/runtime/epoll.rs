@@ -332,6 +332,8 @@ impl EpollCore {
             }
             if failed || (conn.state.closing && conn.state.tx.is_empty()) {
                 self.close_now(now, index);
+            } else {
+                conn.state.release_empty_buffers();
             }
         }
     }

@@ -1140,6 +1140,7 @@ impl UringCore {
             (Some(index), _) => {
                 if let Some(conn) = self.base.conns.get_mut(index) {
                     requeue(unsent, &mut conn.state.tx);
+                    conn.state.release_empty_buffers();
                 }
                 // Send the rest, or carry out a close that waited for this send.
                 self.base.dirty.push(index);
