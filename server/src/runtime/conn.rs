@@ -13,7 +13,6 @@ use imedge_protocol::Message;
 /// make the server buffer without bound. 4 MiB is hundreds of messages of the largest size.
 pub const MAX_TX_BUFFER: usize = 4 << 20;
 
-
 /// Where a WebSocket connection is in its life.
 #[derive(Debug)]
 enum WsPhase {
