@@ -186,7 +186,25 @@ struct FileConfig {
     offline_max_age: Option<u64>,
 }
 
+/// Turns transparent huge pages off for this process. mimalloc reserves its arena with
+/// `MADV_HUGEPAGE`, so on kernels in THP `madvise` mode (the usual default) every first touch of
+/// its memory faults in 2 MiB: measured here, an idle server sat at 12 MB instead of 5 MB and
+/// each idle session cost ~3.7 KiB instead of ~0.5 KiB. The flag is checked at fault time, so
+/// setting it first thing in `main` covers nearly all of the heap.
+#[cfg(target_os = "linux")]
+fn disable_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and affects this process alone.
+    let result = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if result != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "PR_SET_THP_DISABLE failed");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn disable_huge_pages() {}
+
 fn main() -> anyhow::Result<()> {
+    disable_huge_pages();
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(

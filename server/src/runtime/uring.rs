@@ -91,20 +91,22 @@ const TCP_GROUP: u16 = 0;
 /// Buffer group of the UDP socket's receives.
 const UDP_GROUP: u16 = 1;
 
-/// Buffers in the TCP group. A receive completion holds one until the loop copies its bytes into
-/// the connection's input, in the same turn; so this bounds the receive completions all of the
-/// core's connections can post between two turns. Past it a connection's multishot receive ends
+/// Buffers in the TCP group. A receive completion holds one until the loop has parsed its bytes
+/// (or copied a partial frame into the connection's input), in the same turn; so this bounds the
+/// receive completions all of the core's connections can post between two turns — a thousand
+/// is more than one turn sees at 100k messages/s. Past it a connection's multishot receive ends
 /// with ENOBUFS — its bytes stay in the socket — and is re-armed on the next turn.
-const TCP_BUFFERS: u16 = 2048;
+const TCP_BUFFERS: u16 = 1024;
 
 /// Size of a TCP buffer: one page. An IM connection reads a message or a few at a time, mostly
-/// well under 1 KiB each; the largest frame (6 KiB) spans two buffers. 2048 × 4 KiB is 8 MiB of
-/// address space per core, of which only what traffic touches becomes resident.
+/// well under 1 KiB each; the largest frame (6 KiB) spans two buffers. 1024 × 4 KiB is 4 MiB
+/// per core, resident from the start (see [`BufRing::new`]).
 const TCP_BUFFER_SIZE: usize = 4096;
 
-/// Buffers in the UDP group: one datagram each, as many as the epoll loop receives per turn.
-/// Their size follows the configured datagram limit ([`udp_buffer_size`]).
-const UDP_BUFFERS: u16 = 1024;
+/// Buffers in the UDP group: one datagram each, half what the epoll loop receives per turn (a
+/// burst beyond them waits in the socket's 4 MiB buffer for the re-armed receive). Their size
+/// follows the configured datagram limit ([`udp_buffer_size`]): ~1 MiB per core.
+const UDP_BUFFERS: u16 = 512;
 
 /// Room reserved for the sender's address in a UDP buffer: an IPv6 socket address (IPv4 ones
 /// are shorter).
@@ -375,6 +377,14 @@ impl BufRing {
                 return Err(error);
             }
         };
+        // Touch every page now: the kernel hands buffers out round the ring, so under traffic
+        // they all become resident anyway, and an idle server's RSS should be what it will be
+        // under load rather than grow with the first burst. (Volatile: the compiler may not
+        // drop writes of zeros to zeroed memory.)
+        for offset in (0..buffers_layout.size()).step_by(page_size()) {
+            // SAFETY: `offset` is inside the block just allocated, which nothing else uses yet.
+            unsafe { buffers.as_ptr().add(offset).write_volatile(0) };
+        }
         let mut ring = Self {
             descriptors,
             descriptors_layout,
