@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ impl Server {
         let data_dir =
             std::env::temp_dir().join(format!("imedge-loadgen-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
-        let mut config = ServerConfig {
+        let config = ServerConfig {
             bind: [127, 0, 0, 1].into(),
             tcp_port: Some(0),
             udp_port: Some(0),
@@ -49,16 +49,6 @@ impl Server {
             data_dir,
             ..ServerConfig::default()
         };
-        // A UDP socket bound to port 0 with SO_REUSEPORT (as the server binds) may be given a
-        // port another such socket of this user already has; a plain socket is only given a free
-        // one, released just before the server binds it (as server/tests/support does).
-        static UDP_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = UDP_PORTS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        config.udp_port = Some(probe.local_addr().unwrap().port());
-        drop(probe);
         let handle = runtime::start(&config, Arc::new(AllowAll)).unwrap();
         Self {
             tcp: handle.tcp_addr.unwrap(),

@@ -35,6 +35,29 @@ fn the_requested_backend_runs() {
     assert_eq!(backend, expected);
 }
 
+/// A second server on ports another one holds does not start (with `SO_REUSEPORT` it could
+/// join the first one's sockets and silently take half of its traffic).
+#[test]
+fn ports_in_use_are_refused() {
+    let first = Server::start(1);
+    for (tcp, udp, ws) in [
+        (Some(first.tcp.port()), None, None),
+        (None, Some(first.udp.port()), None),
+        (None, None, Some(first.ws.port())),
+    ] {
+        let mut second = config(1);
+        (second.tcp_port, second.udp_port, second.ws_port) = (tcp, udp, ws);
+        let error = runtime::start(&second, Arc::new(AllowAll)).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{error}");
+    }
+    // The first server still answers on all of them.
+    for transport in [T::Tcp, T::Udp, T::Ws] {
+        first
+            .connect(transport)
+            .login(&format!("still-{transport:?}"));
+    }
+}
+
 /// An echo request for `text`, framed for TCP.
 fn echo_frame(text: &str) -> BytesMut {
     let mut echo = Message::data(UserId::new("x"), UserId::new("y"), text, None);

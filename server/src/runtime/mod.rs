@@ -382,17 +382,56 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
-/// Binds one socket per core on the same port; with port 0 the first picks it for all.
+/// Fails with `AddrInUse` if anything is bound to `addr` already. Our own sockets share their
+/// port through `SO_REUSEPORT`, and Linux lets any socket of the same user with that option join
+/// the group: a second imedge started on the same port would silently take half the
+/// connections and datagrams (a split that looks like message loss). A socket bound *without*
+/// `SO_REUSEPORT` is refused if any socket holds the port, so binding one first and dropping it
+/// tells a free port from a taken one. (`SO_REUSEADDR` on the TCP probe: connections of an
+/// earlier run in TIME_WAIT do not count.)
+///
+/// With port 0 the probe's port, which the kernel picked among ports nobody holds, is returned
+/// for the group to bind: a socket with `SO_REUSEPORT` asking for port 0 may be handed a port
+/// that another process's group already shares.
+fn claim(addr: SocketAddr, ty: Type) -> io::Result<u16> {
+    let protocol = if ty == Type::STREAM {
+        Protocol::TCP
+    } else {
+        Protocol::UDP
+    };
+    let probe = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
+    if ty == Type::STREAM {
+        probe.set_reuse_address(true)?;
+    }
+    probe.bind(&addr.into()).map_err(|error| {
+        if error.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{addr} is already in use (another imedge on the same port?)"),
+            )
+        } else {
+            error
+        }
+    })?;
+    probe
+        .local_addr()?
+        .as_socket()
+        .map(|a| a.port())
+        .ok_or_else(|| io::Error::other("probe socket has no IP address"))
+}
+
+/// Binds one socket per core on the same port, which must be free; port 0 picks a free one.
 fn bind_all<S>(
     bind: std::net::IpAddr,
     port: Option<u16>,
     cores: usize,
-    open: impl Fn(SocketAddr) -> io::Result<S>,
+    (ty, open): (Type, impl Fn(SocketAddr) -> io::Result<S>),
     local: impl Fn(&S) -> io::Result<SocketAddr>,
 ) -> io::Result<(Vec<Option<S>>, Option<SocketAddr>)> {
     let Some(port) = port else {
         return Ok(((0..cores).map(|_| None).collect(), None));
     };
+    let port = claim(SocketAddr::new(bind, port), ty)?;
     let first = open(SocketAddr::new(bind, port))?;
     let addr = local(&first)?;
     let mut sockets = vec![Some(first)];
@@ -447,21 +486,21 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         config.bind,
         config.tcp_port,
         cores,
-        bind_tcp,
+        (Type::STREAM, bind_tcp),
         TcpListener::local_addr,
     )?;
     let (ws, ws_addr) = bind_all(
         config.bind,
         config.ws_port,
         cores,
-        bind_tcp,
+        (Type::STREAM, bind_tcp),
         TcpListener::local_addr,
     )?;
     let (udp, udp_addr) = bind_all(
         config.bind,
         config.udp_port,
         cores,
-        bind_udp,
+        (Type::DGRAM, bind_udp),
         UdpSocket::local_addr,
     )?;
 

@@ -70,20 +70,8 @@ impl Server {
         Self::with(config(threads), Arc::new(AllowAll))
     }
 
-    pub fn with(mut config: ServerConfig, hooks: Arc<dyn ServerEvents>) -> Self {
-        // Linux may hand a UDP socket bound to port 0 with SO_REUSEADDR/SO_REUSEPORT (as the
-        // server binds) a port that another such socket of this user already has: two test
-        // servers would then share it and get each other's datagrams. A plain socket is only
-        // given a port nobody uses; it is released just before the server binds that port, under
-        // a lock so that no other test server of this process takes it in between.
-        static UDP_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = UDP_PORTS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if config.udp_port == Some(0) {
-            let probe = UdpSocket::bind((config.bind, 0)).unwrap();
-            config.udp_port = Some(probe.local_addr().unwrap().port());
-        }
+    pub fn with(config: ServerConfig, hooks: Arc<dyn ServerEvents>) -> Self {
+        // Port 0: the server itself takes a port nobody holds (`runtime::claim`).
         let handle = runtime::start(&config, hooks).unwrap();
         Self {
             tcp: handle.tcp_addr.unwrap(),
