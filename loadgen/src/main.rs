@@ -136,6 +136,7 @@ fn parse_scenario(s: &str) -> Result<Scenario, String> {
 }
 
 fn main() -> ExitCode {
+    imedge_loadgen::clock::disable_huge_pages();
     let argv: Vec<String> = std::env::args().collect();
     // Hidden worker mode: `imedge-loadgen --worker INDEX COUNT`, configuration on stdin.
     if argv.get(1).map(String::as_str) == Some("--worker") {
