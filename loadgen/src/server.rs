@@ -57,7 +57,11 @@ impl ServerProbe {
     /// A probe of process `pid`; `None` if it cannot be read.
     pub fn new(pid: u32) -> Option<Self> {
         read_cpu_ns(pid)?;
-        Some(Self {
+        Some(Self::empty(pid))
+    }
+
+    fn empty(pid: u32) -> Self {
+        Self {
             pid,
             prev: None,
             cpu_ns: 0,
@@ -67,7 +71,7 @@ impl ServerProbe {
             rss_last_kb: None,
             rss_max_kb: 0,
             fds_max: 0,
-        })
+        }
     }
 
     /// Takes a sample: `delivered` is the run's cumulative delivered count, `sending` whether
@@ -165,17 +169,7 @@ mod tests {
 
     #[test]
     fn only_intervals_inside_the_send_phase_count() {
-        let mut probe = ServerProbe {
-            pid: 0,
-            prev: None,
-            cpu_ns: 0,
-            msgs: 0,
-            secs: 0.0,
-            rss_first_kb: None,
-            rss_last_kb: None,
-            rss_max_kb: 0,
-            fds_max: 0,
-        };
+        let mut probe = ServerProbe::empty(0);
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let samples = [
