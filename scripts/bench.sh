@@ -68,27 +68,9 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 imedge=target/release/imedge
 loadgen=target/release/imedge-loadgen
-for bin in "$imedge" "$loadgen"; do
-  [ -x "$bin" ] || { echo "missing $bin (build it, or drop SKIP_BUILD)" >&2; exit 1; }
-done
-
-mkdir -p "$out"
-data_dir=$(mktemp -d /tmp/bench-imedge.XXXXXX)
-server_pid=
-
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=
-  fi
-}
-cleanup() {
-  stop_server
-  rm -rf "$data_dir"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/bench_lib.sh
+source scripts/bench_lib.sh
+bench_init "$out" bench-imedge "$imedge" "$loadgen"
 
 # start_server TAG: a fresh imedge (own data directory) pinned to SERVER_CPU, ready.
 start_server() {
@@ -243,7 +225,7 @@ echo_json="$out/echo/results.json"
       | (if $rate == null then null else ($rate | floor) end) as $r
       | echo_of("imedge-uring"; $et; $r) as $u
       | echo_of("imedge-epoll"; $et; $r) as $e
-      | .server.cpu_us_per_msg as $cpu
+      | (if (.server.msgs // 0) > 0 then .server.cpu_us_per_msg else null end) as $cpu
       | "| \($tag) | \(r(.totals.msgs_per_s)) | \(.totals.lost) | \(.totals.duplicated) | \(.totals.unsent) | \(.totals.latency_us.p50) | \(.totals.latency_us.p99) | \(.totals.latency_us.p999) | \(r($cpu)) | \(if $u then r($cpu / $u.server_us_per_msg) else "–" end) | \(if $e then r($cpu / $e.server_us_per_msg) else "–" end) | \(if $u then r(.totals.latency_us.p99 / $u.latency_us.p99) else "–" end) | \(r(.server.cpu_percent_of_core)) | \(r(.loadgen.cpu_percent_of_core)) |"
     ' "$f"
   done

@@ -73,27 +73,9 @@ fi
 imedge=target/release/imedge
 tokio_echo=target/release/echo-tokio
 load=target/release/echo-load
-for bin in "$imedge" "$tokio_echo" "$load"; do
-  [ -x "$bin" ] || { echo "missing $bin (build it, or drop SKIP_BUILD)" >&2; exit 1; }
-done
-
-mkdir -p "$out"
-data_dir=$(mktemp -d /tmp/bench-echo.XXXXXX)
-server_pid=
-
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=
-  fi
-}
-cleanup() {
-  stop_server
-  rm -rf "$data_dir"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/bench_lib.sh
+source scripts/bench_lib.sh
+bench_init "$out" bench-echo "$imedge" "$tokio_echo" "$load"
 
 # start_server NAME TCP_PORT UDP_PORT LOG: starts it pinned, sets server_pid, waits until ready.
 start_server() {
