@@ -22,12 +22,13 @@ use imedge_benches::echo::wire::{
     next_frame, put_body, put_frame, stamp, Stamp, FRAMES_PER_MESSAGE, MAX_TCP_BODY,
     MAX_UDP_DATAGRAM, STAMP_LEN,
 };
+use imedge_loadgen::worker::timer::TimerFd;
 use mio::net::{TcpStream, UdpSocket};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -198,63 +199,6 @@ struct Clock(Instant);
 impl Clock {
     fn now_ns(self) -> u64 {
         u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-}
-
-/// A one-shot timerfd on CLOCK_MONOTONIC, so the loop wakes when the next message is due with
-/// microsecond precision (an epoll timeout has millisecond resolution).
-#[derive(Debug)]
-struct Timer {
-    fd: OwnedFd,
-    /// The deadline it is armed for (run clock), to skip re-arming it for the same one.
-    armed_ns: Option<u64>,
-}
-
-impl Timer {
-    fn new() -> io::Result<Self> {
-        // SAFETY: plain system call; the result is checked below.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // Default timer slack (50 µs) would blur a schedule of 10 µs gaps; 1 ns asks for none.
-        // SAFETY: PR_SET_TIMERSLACK takes an integer argument and affects only this thread.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-        Ok(Self { fd, armed_ns: None })
-    }
-
-    /// Fires at `deadline_ns` (run clock), `now_ns` being the time now. Re-arming resets the
-    /// expiry count, so the fd never needs reading: every expiry is a fresh edge for epoll.
-    fn arm(&mut self, deadline_ns: u64, now_ns: u64) -> io::Result<()> {
-        if self.armed_ns == Some(deadline_ns) {
-            return Ok(());
-        }
-        // A zero value would disarm the timer; 1 ns fires at once.
-        let rel = deadline_ns.saturating_sub(now_ns).max(1);
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: libc::time_t::try_from(rel / 1_000_000_000).unwrap_or(libc::time_t::MAX),
-                tv_nsec: libc::c_long::try_from(rel % 1_000_000_000).unwrap_or(0),
-            },
-        };
-        // SAFETY: `spec` is a valid itimerspec and the old value is not requested.
-        if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        self.armed_ns = Some(deadline_ns);
-        Ok(())
     }
 }
 
@@ -453,9 +397,10 @@ fn connect(args: &Args, poll: &Poll) -> Result<Vec<Conn>> {
 fn run(args: &Args) -> Result<Report> {
     let mut poll = Poll::new()?;
     let mut conns = connect(args, &poll)?;
-    let mut timer = Timer::new().context("timerfd")?;
+    // The loadgen's timerfd (absolute CLOCK_MONOTONIC, 1 ns timer slack on this thread).
+    let mut timer = TimerFd::new().context("timerfd")?;
     poll.registry().register(
-        &mut SourceFd(&timer.fd.as_raw_fd()),
+        &mut SourceFd(&timer.as_raw_fd()),
         TIMER_TOKEN,
         Interest::READABLE,
     )?;
@@ -520,7 +465,9 @@ fn run(args: &Args) -> Result<Report> {
             Phase::Measure => schedule.next_due().map_or(w1, |t| t.min(w1)),
             Phase::Drain => stop,
         };
-        timer.arm(deadline, now)?;
+        // Run clock → CLOCK_MONOTONIC. Re-arming resets the expiry count, so the fd never
+        // needs reading: every expiry is a fresh edge for epoll.
+        timer.arm(imedge_loadgen::clock::mono_ns() + deadline.saturating_sub(now));
         match poll.poll(&mut events, Some(POLL_CAP)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

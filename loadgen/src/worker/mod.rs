@@ -17,7 +17,7 @@
 //! re-login] → send (duration / message budget) → drain (grace) → logout → done.
 
 mod io;
-mod timer;
+pub mod timer;
 pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
