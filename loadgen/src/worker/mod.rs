@@ -393,7 +393,7 @@ impl<'c> Worker<'c> {
             }
             let pending = std::mem::take(&mut self.pending_read);
             for idx in pending {
-                self.read(idx, now);
+                self.read(idx, now, false);
                 self.drive(idx, now);
             }
             self.run_timers(now);
