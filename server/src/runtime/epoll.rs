@@ -160,9 +160,7 @@ impl EpollCore {
             };
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    // SPEC §1.1: TCP_NODELAY and SO_KEEPALIVE on, like the reference.
-                    let _ = stream.set_nodelay(true);
-                    let _ = socket2::SockRef::from(&stream).set_keepalive(true);
+                    // TCP_NODELAY and SO_KEEPALIVE come from the listener (`bind_tcp`).
                     self.add_conn(now, stream, ConnState::new(transport, peer), None);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,

@@ -358,6 +358,11 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // SPEC §1.1: TCP_NODELAY and SO_KEEPALIVE on, like the reference. Set on the listener, they
+    // are inherited by every accepted connection (Linux copies the listening socket): two system
+    // calls fewer per accepted connection.
+    socket.set_tcp_nodelay(true)?;
+    socket.set_keepalive(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -584,4 +589,21 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         return Err(error);
     }
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accepted connections get the options SPEC §1.1 asks for from the listener.
+    #[test]
+    fn accepted_connections_inherit_nodelay_and_keepalive() {
+        let listener = bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+        assert!(socket2::SockRef::from(&accepted).keepalive().unwrap());
+    }
 }

@@ -1027,9 +1027,7 @@ impl UringCore {
         let Ok(peer) = stream.peer_addr() else {
             return;
         };
-        // SPEC §1.1: TCP_NODELAY and SO_KEEPALIVE on, like the reference.
-        let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream).set_keepalive(true);
+        // TCP_NODELAY and SO_KEEPALIVE come from the listener (`bind_tcp`).
         let key = self.socks.insert(Sock::new(stream));
         let index = self.base.open(now, key, ConnState::new(transport, peer));
         if let Some(sock) = self.socks.get_mut(key) {
