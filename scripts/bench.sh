@@ -209,10 +209,11 @@ echo_json="$out/echo/results.json"
   echo "imedge --threads 1 --io $io on CPU $server_cpu, imedge-loadgen on CPU $loadgen_cpu;" \
     "$clients clients, 100-byte C2C QoS messages, ${duration}s open loop; load average at start $load1;" \
     "kernel $(uname -r). Ratios: imedge's figure ÷ the echo server's (imedge's own io_uring and" \
-    "epoll loops in --bench-echo mode) at the same transport and rate (ws against tcp echo)."
+    "epoll loops in --bench-echo mode) at the same transport and rate (ws against tcp echo)," \
+    "per echoed message (2 frames in + 2 out, as a C2C message with its ACK) and per frame."
   echo
-  echo "| run | achieved msg/s | lost | dup | unsent | p50 µs | p99 µs | p99.9 µs | server µs/msg | ÷ uring echo | ÷ epoll echo | p99 ÷ uring echo | server CPU % | loadgen CPU % |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| run | achieved msg/s | lost | dup | unsent | p50 µs | p99 µs | p99.9 µs | server µs/msg | ÷ uring echo µs/msg | ÷ epoll echo µs/msg | ÷ uring echo µs/frame | ÷ epoll echo µs/frame | p99 ÷ uring echo | server CPU % | loadgen CPU % |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for f in $(find "$out" -maxdepth 1 \( -name 'c2c-*.json' -o -name 'max-*.json' -o -name 'ceiling-*.json' \) | sort -V); do
     tag=$(basename "$f" .json)
     jq -r --arg tag "$tag" --slurpfile echo <(jq -c '.' "$echo_json" 2>/dev/null || echo '[]') '
@@ -226,7 +227,7 @@ echo_json="$out/echo/results.json"
       | echo_of("imedge-uring"; $et; $r) as $u
       | echo_of("imedge-epoll"; $et; $r) as $e
       | (if (.server.msgs // 0) > 0 then .server.cpu_us_per_msg else null end) as $cpu
-      | "| \($tag) | \(r(.totals.msgs_per_s)) | \(.totals.lost) | \(.totals.duplicated) | \(.totals.unsent) | \(.totals.latency_us.p50) | \(.totals.latency_us.p99) | \(.totals.latency_us.p999) | \(r($cpu)) | \(if $u then r($cpu / $u.server_us_per_msg) else "–" end) | \(if $e then r($cpu / $e.server_us_per_msg) else "–" end) | \(if $u then r(.totals.latency_us.p99 / $u.latency_us.p99) else "–" end) | \(r(.server.cpu_percent_of_core)) | \(r(.loadgen.cpu_percent_of_core)) |"
+      | "| \($tag) | \(r(.totals.msgs_per_s)) | \(.totals.lost) | \(.totals.duplicated) | \(.totals.unsent) | \(.totals.latency_us.p50) | \(.totals.latency_us.p99) | \(.totals.latency_us.p999) | \(r($cpu)) | \(if $u then r($cpu / $u.server_us_per_msg) else "–" end) | \(if $e then r($cpu / $e.server_us_per_msg) else "–" end) | \(if $u then r($cpu / $u.server_us_per_frame) else "–" end) | \(if $e then r($cpu / $e.server_us_per_frame) else "–" end) | \(if $u then r(.totals.latency_us.p99 / $u.latency_us.p99) else "–" end) | \(r(.server.cpu_percent_of_core)) | \(r(.loadgen.cpu_percent_of_core)) |"
     ' "$f"
   done
   echo
