@@ -82,16 +82,12 @@ impl ServerProbe {
             self.prev = None;
             return;
         };
-        let now = Sample {
+        self.record(Sample {
             cpu_ns,
             delivered,
             at: Instant::now(),
             sending,
-        };
-        if let Some(prev) = self.prev.filter(|p| p.sending && sending) {
-            self.add(prev, now);
-        }
-        self.prev = Some(now);
+        });
         if let Some(rss) = read_rss_kb(self.pid) {
             self.rss_first_kb.get_or_insert(rss);
             self.rss_last_kb = Some(rss);
@@ -100,6 +96,14 @@ impl ServerProbe {
         if let Some(fds) = count_fds(self.pid) {
             self.fds_max = self.fds_max.max(fds);
         }
+    }
+
+    /// Counts the interval since the previous sample if both ends lie in the send phase.
+    fn record(&mut self, now: Sample) {
+        if let Some(prev) = self.prev.filter(|p| p.sending && now.sending) {
+            self.add(prev, now);
+        }
+        self.prev = Some(now);
     }
 
     fn add(&mut self, from: Sample, to: Sample) {
@@ -181,16 +185,12 @@ mod tests {
             (2_000, 11_500, 4, false), // drain: not counted
         ];
         for (cpu_ms, delivered, s, sending) in samples {
-            let now = Sample {
+            probe.record(Sample {
                 cpu_ns: cpu_ms * 1_000_000,
                 delivered,
                 at: at(s),
                 sending,
-            };
-            if let Some(prev) = probe.prev.filter(|p| p.sending && sending) {
-                probe.add(prev, now);
-            }
-            probe.prev = Some(now);
+            });
         }
         let report = probe.finish();
         assert_eq!(report.msgs, 10_000);
