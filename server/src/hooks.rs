@@ -98,7 +98,7 @@ pub trait ServerEvents: Send + Sync + 'static {
 }
 
 /// What a hook may ask the server to do (carried out after the hook returns), and who is online.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Api {
     pub(crate) commands: Vec<Command>,
     presence: Arc<Presence>,

@@ -281,6 +281,9 @@ pub struct Shard {
     online: HashMap<UserId<'static>, Endpoint>,
     /// Every core's online users, for the hooks' `Api::is_online`.
     presence: Arc<Presence>,
+    /// The hooks' [`Api`], kept between hook calls so that lending it out costs neither an
+    /// allocation nor an update of `presence`'s shared reference count per message.
+    spare_api: Option<Api>,
     /// UDP clients that reach this core's socket but whose sessions live on another shard.
     udp_routes: HashMap<SocketAddr, CoreId>,
     /// Server-sent QoS messages waiting for their ACK, keyed by recipient and fingerprint.
@@ -340,6 +343,7 @@ impl Shard {
             sessions: HashMap::new(),
             online: HashMap::new(),
             presence: Arc::new(Presence::new(cores)),
+            spare_api: None,
             udp_routes: HashMap::new(),
             next_fp: 0,
             udp_via: core,
@@ -360,6 +364,7 @@ impl Shard {
     /// Shares one presence table among the shards of a server (each has its own otherwise).
     pub fn with_presence(mut self, presence: Arc<Presence>) -> Self {
         self.presence = presence;
+        self.spare_api = None;
         self
     }
 
@@ -377,9 +382,11 @@ impl Shard {
         }
     }
 
-    /// The hooks' API, which can see who is online.
-    fn api(&self) -> Api {
-        Api::new(Arc::clone(&self.presence))
+    /// The hooks' API, which can see who is online; given back by `run_hook_commands`.
+    fn api(&mut self) -> Api {
+        self.spare_api
+            .take()
+            .unwrap_or_else(|| Api::new(Arc::clone(&self.presence)))
     }
 
     /// This shard's counters.
@@ -795,10 +802,11 @@ impl Shard {
         }
     }
 
-    fn run_hook_commands(&mut self, now: Now, api: Api, out: &mut dyn Outbox) {
-        for command in api.commands {
+    fn run_hook_commands(&mut self, now: Now, mut api: Api, out: &mut dyn Outbox) {
+        for command in api.commands.drain(..) {
             self.command(now, command, out);
         }
+        self.spare_api = Some(api);
     }
 
     fn run_command(&mut self, now: Now, command: Command, out: &mut dyn Outbox) {

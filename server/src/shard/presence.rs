@@ -62,12 +62,6 @@ impl Presence {
     }
 }
 
-impl Default for Presence {
-    fn default() -> Self {
-        Self::new(1)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
