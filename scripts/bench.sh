@@ -140,16 +140,22 @@ has() { [[ " $scenarios " == *" $1 "* ]]; }
 read -r load1 _ </proc/loadavg
 echo "== imedge benchmark: io=$io, server on CPU $server_cpu, loadgen on CPU $loadgen_cpu, load average $load1" >&2
 
+# c2c_run TAG TRANSPORT RATE: one C2C run on a fresh server (RATE: msgs/s, or max).
+c2c_run() {
+  local tag=$1 transport=$2 rate=$3 closed=()
+  [ "$rate" = max ] && closed=(--window 4)
+  echo "-- $tag" >&2
+  start_server "$tag"
+  # shellcheck disable=SC2046
+  loadgen "$tag" --clients "$clients" $(weights "$transport") --rate "$rate" "${closed[@]}" \
+    --duration "${duration}s" --grace 15s || true
+  stop_server
+}
+
 if has c2c; then
   for transport in $transports; do
     for rate in $rates; do
-      tag="c2c-$transport-$rate"
-      echo "-- $tag" >&2
-      start_server "$tag"
-      # shellcheck disable=SC2046
-      loadgen "$tag" --clients "$clients" $(weights "$transport") --rate "$rate" \
-        --duration "${duration}s" --grace 15s || true
-      stop_server
+      c2c_run "c2c-$transport-$rate" "$transport" "$rate"
     done
   done
 fi
@@ -157,24 +163,12 @@ fi
 if has max; then
   for transport in $transports; do
     for rate in $max_rates; do
-      tag="max-$transport-$rate"
-      echo "-- $tag" >&2
-      start_server "$tag"
-      # shellcheck disable=SC2046
-      loadgen "$tag" --clients "$clients" $(weights "$transport") --rate "$rate" \
-        --duration "${duration}s" --grace 15s || true
-      stop_server
-      if ! { [ -s "$out/$tag.json" ] && clean "$tag"; }; then
+      c2c_run "max-$transport-$rate" "$transport" "$rate"
+      if ! { [ -s "$out/max-$transport-$rate.json" ] && clean "max-$transport-$rate"; }; then
         break
       fi
     done
-    tag="ceiling-$transport"
-    echo "-- $tag" >&2
-    start_server "$tag"
-    # shellcheck disable=SC2046
-    loadgen "$tag" --clients "$clients" $(weights "$transport") --rate max --window 4 \
-      --duration "${duration}s" --grace 15s || true
-    stop_server
+    c2c_run "ceiling-$transport" "$transport" max
   done
 fi
 
