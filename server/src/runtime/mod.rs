@@ -530,6 +530,8 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
     };
 
     let presence = Arc::new(Presence::new(cores));
+    // One secret for the QoS tables' keys per process, shared by every core.
+    let qos_keys = imedge_protocol::qos::QosKeyHasher::random();
     let mut threads = Vec::with_capacity(cores);
     let (ready, setups) = mpsc::channel();
     let sockets = tcp.into_iter().zip(ws).zip(udp);
@@ -540,6 +542,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         shard_config.udp_idle = config.udp_idle;
         shard_config.ws_idle = config.ws_idle;
         shard_config.server_timestamps = config.server_timestamps;
+        shard_config.qos_keys = qos_keys.clone();
         let listeners = Listeners { tcp, ws, udp };
         let ready = ready.clone();
         let hooks = Arc::clone(&hooks);

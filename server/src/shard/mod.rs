@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use imedge_protocol::message::payload::{ErrorResponse, LoginRequest, ERROR_NOT_LOGGED_IN};
-use imedge_protocol::qos::{QosEvent, QosReceiver, QosReceiverConfig, QosSender, QosSenderConfig};
+use imedge_protocol::qos::{
+    QosEvent, QosKey, QosKeyHasher, QosReceiver, QosReceiverConfig, QosSender, QosSenderConfig,
+};
 use imedge_protocol::session::Transport;
 use imedge_protocol::{Decoder, Fingerprint, Kind, Message, UserId};
 
@@ -101,6 +103,9 @@ pub struct ShardConfig {
     pub qos: QosSenderConfig,
     /// De-duplication window of C2S and C2C fingerprints (SPEC §8.5).
     pub dedup: QosReceiverConfig,
+    /// Secret of the QoS tables' compact keys: one per process, drawn at start-up, so a client
+    /// cannot choose fingerprints that collide.
+    pub qos_keys: QosKeyHasher,
 }
 
 impl ShardConfig {
@@ -114,7 +119,8 @@ impl ShardConfig {
             ws_idle: Transport::Ws.default_server_idle_timeout(),
             server_timestamps: false,
             qos: QosSenderConfig::SERVER,
-            dedup: QosReceiverConfig::default(),
+            dedup: QosReceiverConfig::SERVER,
+            qos_keys: QosKeyHasher::random(),
         }
     }
 
@@ -287,7 +293,7 @@ pub struct Shard {
     /// UDP clients that reach this core's socket but whose sessions live on another shard.
     udp_routes: HashMap<SocketAddr, CoreId>,
     /// Server-sent QoS messages waiting for their ACK, keyed by recipient and fingerprint.
-    resend: QosSender<Pending>,
+    resend: QosSender<Pending, QosKey>,
     /// C2S fingerprints already handled, keyed by sender and fingerprint (SPEC §8.5).
     dedup: QosReceiver,
     /// C2C fingerprints already delivered or stored, keyed by sender and fingerprint (hazard R2).
@@ -318,17 +324,22 @@ impl std::fmt::Debug for Shard {
     }
 }
 
-/// Key of the resend and dedup tables: fingerprints are chosen by clients, so they are only
-/// unique per user (hazard S3: an ACK clears only messages addressed to the user who sends it).
-fn qos_key(uid: &str, fp: &str) -> String {
-    let mut key = String::with_capacity(uid.len() + 1 + fp.len());
-    key.push_str(uid);
-    key.push('\n');
-    key.push_str(fp);
-    key
+impl Pending {
+    /// What the entry holds on the heap, for the resend table's byte bound. The encoded message
+    /// may share a larger chunk with others (`ENCODE_CHUNK`); only its own length is counted.
+    fn heap_bytes(&self) -> usize {
+        self.to.as_str().len() + self.from.as_str().len() + self.fp.as_str().len() + self.json.len()
+    }
 }
 
 impl Shard {
+    /// Key of the resend and dedup tables: fingerprints are chosen by clients, so they are only
+    /// unique per user (hazard S3: an ACK clears only messages addressed to the user who sends
+    /// it).
+    fn qos_key(&self, uid: &str, fp: &str) -> QosKey {
+        self.config.qos_keys.key(uid, fp)
+    }
+
     /// A shard with no sessions.
     pub fn new(config: ShardConfig, hooks: Arc<dyn ServerEvents>, now: Instant) -> Self {
         let (core, cores) = (config.core, config.cores);
@@ -796,7 +807,7 @@ impl Shard {
         let Some(fp) = msg.text() else {
             return;
         };
-        if let Some(item) = self.resend.handle_ack(&qos_key(uid.as_str(), fp)) {
+        if let Some(item) = self.resend.handle_ack(&self.qos_key(uid.as_str(), fp)) {
             self.hooks.on_s2c_delivered(uid.as_str(), fp);
             self.stored_acked(now, &item, out);
         }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use imedge_protocol::{Fingerprint, UserId};
 
 use super::route::{Delivery, Outcome};
-use super::{qos_key, CoreId, Now, Outbox, Pending, Shard, ShardMsg};
+use super::{CoreId, Now, Outbox, Pending, Shard, ShardMsg};
 use crate::store::{group::GroupCommit, Offline, Store};
 
 /// Stored messages sent per page at login. Bounded so a large backlog neither stalls the loop
@@ -224,7 +224,7 @@ impl Shard {
             match stored.fp {
                 Some(fp) => {
                     let fp = Fingerprint::from(fp);
-                    let key = Fingerprint::from(qos_key(uid.as_str(), fp.as_str()));
+                    let key = self.qos_key(uid.as_str(), fp.as_str());
                     let pending = Pending {
                         to: uid.clone(),
                         from: UserId::from(stored.from),
@@ -232,7 +232,8 @@ impl Shard {
                         json: stored.json,
                         seq: Some(stored.seq),
                     };
-                    if self.resend.insert(now.mono, key, pending).is_ok() {
+                    let heap = pending.heap_bytes();
+                    if self.resend.insert(now.mono, key, pending, heap).is_ok() {
                         drain.in_flight += 1;
                     }
                 }

@@ -15,7 +15,7 @@ use imedge_protocol::qos::Seen;
 use imedge_protocol::session::Transport;
 use imedge_protocol::{Fingerprint, Message, UserId};
 
-use super::{qos_key, shard_for, CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg};
+use super::{shard_for, CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg};
 use crate::hooks::{SessionInfo, Undelivered};
 
 /// An encoded message on its way to its recipient's shard.
@@ -87,9 +87,8 @@ impl Shard {
                 return;
             }
             if let Some(fp) = &fp {
-                let seen = self
-                    .dedup
-                    .handle_message(now.mono, &qos_key(uid.as_str(), fp.as_str()));
+                let key = self.qos_key(uid.as_str(), fp.as_str());
+                let seen = self.dedup.handle_message(now.mono, key);
                 let ack = Message::ack(UserId::SERVER, uid.borrowed(), fp.borrowed(), msg.bridge);
                 self.send(now, endpoint, ack, out);
                 if seen == Seen::Duplicate {
@@ -107,7 +106,10 @@ impl Shard {
             return;
         }
         if let Some(fp) = &fp {
-            if self.c2c_done.contains(&qos_key(uid.as_str(), fp.as_str())) {
+            if self
+                .c2c_done
+                .contains(self.qos_key(uid.as_str(), fp.as_str()))
+            {
                 // Already delivered or stored: ACK the resend again, do not forward it twice.
                 let to = msg.to.clone().unwrap_or(UserId::UNKNOWN);
                 let ack = Message::ack(to, uid.borrowed(), fp.borrowed(), msg.bridge);
@@ -156,8 +158,9 @@ impl Shard {
                         json: delivery.json.clone(),
                         seq: None,
                     };
-                    let key = Fingerprint::from(qos_key(to.as_str(), fp.as_str()));
-                    if self.resend.insert(now.mono, key, pending).is_err() {
+                    let key = self.qos_key(to.as_str(), fp.as_str());
+                    let heap = pending.heap_bytes();
+                    if self.resend.insert(now.mono, key, pending, heap).is_err() {
                         // Per message, so counted rather than logged.
                         self.stats.untracked += 1;
                     }
@@ -213,8 +216,8 @@ impl Shard {
             // As the reference demo: no ACK; the sender's QoS retries and reports it lost.
             return;
         }
-        let key = qos_key(receipt.from.as_str(), receipt.fp.as_str());
-        self.c2c_done.handle_message(now.mono, &key);
+        let key = self.qos_key(receipt.from.as_str(), receipt.fp.as_str());
+        self.c2c_done.handle_message(now.mono, key);
         let Some(&endpoint) = self.online.get(&receipt.from) else {
             return;
         };
