@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use imedge_protocol::message::payload::{ErrorResponse, LoginRequest, ERROR_NOT_LOGGED_IN};
+use imedge_protocol::message::payload::{
+    ErrorResponse, LoginRequest, ERROR_INVALID_MESSAGE, ERROR_NOT_LOGGED_IN,
+};
 use imedge_protocol::qos::{
     QosEvent, QosKey, QosKeyHasher, QosReceiver, QosReceiverConfig, QosSender, QosSenderConfig,
 };
@@ -247,6 +249,9 @@ pub struct Stats {
     pub malformed: u64,
     /// QoS messages sent without a resend entry because the resend table was full.
     pub untracked: u64,
+    /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
+    /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
+    pub ids_too_long: u64,
 }
 
 impl Stats {
@@ -261,6 +266,7 @@ impl Stats {
         self.lost += other.lost;
         self.malformed += other.malformed;
         self.untracked += other.untracked;
+        self.ids_too_long += other.ids_too_long;
     }
 }
 
@@ -737,6 +743,11 @@ impl Shard {
         out: &mut dyn Outbox,
     ) {
         let logged_in = self.info(endpoint);
+        if let Err(error) = msg.check_id_lengths() {
+            self.refuse_invalid(now, endpoint, logged_in.is_some(), &error.to_string(), out);
+            self.stats.ids_too_long += 1;
+            return;
+        }
         match (msg.kind, logged_in) {
             (Kind::Login, _) => self.on_login(now, endpoint, msg, out),
             (Kind::Echo, _) => {
@@ -763,6 +774,33 @@ impl Shard {
             }
             // Any other type is ignored, session kept (SPEC §3).
             _ => {}
+        }
+    }
+
+    /// Refuses a message the server will not take (an id too long, too large to relay): no ACK,
+    /// an error 4 "invalid message object" with a short fixed reason (never the request's
+    /// content), and for a TCP/WS connection that is not logged in, a close. A logged-in session
+    /// stays: its SDK reports the message lost after its resends. An unauthenticated UDP source
+    /// gets no reply at all (no reflection, SPEC S4).
+    fn refuse_invalid(
+        &mut self,
+        now: Now,
+        endpoint: Endpoint,
+        logged_in: bool,
+        reason: &str,
+        out: &mut dyn Outbox,
+    ) {
+        tracing::debug!(?endpoint, reason, "message refused");
+        if !logged_in && matches!(endpoint, Endpoint::Udp(_)) {
+            return;
+        }
+        let reply = Message::error(ErrorResponse {
+            code: ERROR_INVALID_MESSAGE,
+            message: Some(reason.into()),
+        });
+        self.send(now, endpoint, reply, out);
+        if let (false, Endpoint::Conn(conn)) = (logged_in, endpoint) {
+            out.close(conn);
         }
     }
 

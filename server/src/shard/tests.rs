@@ -839,3 +839,101 @@ fn hooks_see_who_is_online_on_every_core() {
         ]
     );
 }
+
+fn error_code(msg: &Message<'_>) -> i32 {
+    assert_eq!(msg.kind, Kind::Error);
+    Decoder::new()
+        .error_response(msg.text().unwrap())
+        .unwrap()
+        .code
+}
+
+#[test]
+fn messages_with_too_long_ids_are_refused_without_ack() {
+    use imedge_protocol::message::payload::ERROR_INVALID_MESSAGE;
+    use imedge_protocol::message::{MAX_FINGERPRINT_LEN, MAX_USER_ID_LEN};
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(1, probe.clone());
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(a));
+    w.take(conn(b));
+
+    // A fingerprint one byte too long, C2S and C2C: no ACK, no delivery, an error 4, session kept.
+    let long_fp = "f".repeat(MAX_FINGERPRINT_LEN + 1);
+    w.frame(a, &data("alice", "0", "hi", Some(&long_fp)));
+    w.frame(a, &data("alice", "bob", "hi", Some(&long_fp)));
+    let replies = w.take(conn(a));
+    assert_eq!(replies.len(), 2);
+    assert!(replies
+        .iter()
+        .all(|r| error_code(r) == ERROR_INVALID_MESSAGE));
+    // The reason is short and does not reflect the request.
+    assert!(replies.iter().all(|r| r.to_json().len() < 200));
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 0);
+    // A recipient id too long.
+    w.frame(
+        a,
+        &data("alice", &"b".repeat(MAX_USER_ID_LEN + 1), "hi", Some("fp")),
+    );
+    assert_eq!(error_code(&w.take(conn(a))[0]), ERROR_INVALID_MESSAGE);
+    assert!(w.closed.is_empty());
+    assert_eq!(w.shards[0].stats().ids_too_long, 3);
+    // At the limits, accepted.
+    let fp = "f".repeat(MAX_FINGERPRINT_LEN);
+    w.frame(a, &data("alice", "bob", "hi", Some(&fp)));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    assert_eq!(w.take(conn(a))[0].kind, Kind::Ack);
+
+    // From an unauthenticated UDP source: dropped without any reply (no reflection).
+    w.datagram(0, peer(9), &data(&"x".repeat(1000), "y", "hi", None));
+    assert!(w.take(Endpoint::Udp(peer(9))).is_empty());
+    // From an unauthenticated connection: error, then closed.
+    let c = w.open(0, 3, Transport::Ws);
+    w.frame(c, &data("c", "bob", "hi", Some(&long_fp)));
+    assert_eq!(error_code(&w.take(conn(c))[0]), ERROR_INVALID_MESSAGE);
+    assert_eq!(w.closed, vec![c]);
+    assert_eq!(w.shards[0].stats().ids_too_long, 5);
+}
+
+#[test]
+fn logins_with_a_too_long_uid_or_as_the_server_are_refused() {
+    use imedge_protocol::message::payload::ERROR_INVALID_MESSAGE;
+    use imedge_protocol::message::MAX_USER_ID_LEN;
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(1, probe.clone());
+    let long = "u".repeat(MAX_USER_ID_LEN + 1);
+
+    // The envelope's `from` (the SDK's own uid) too long: refused at ingress.
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, &long, 0);
+    assert_eq!(error_code(&w.take(conn(a))[0]), ERROR_INVALID_MESSAGE);
+    assert_eq!(w.closed, vec![a]);
+
+    // Only `loginUserId` too long: the login is refused with code 4.
+    let b = w.open(0, 2, Transport::Tcp);
+    let mut msg = login(&long, 0);
+    msg.from = Some(UserId::new("short"));
+    w.frame(b, &msg);
+    let reply = w.take(conn(b));
+    assert_eq!(login_response(&reply[0]).code, ERROR_INVALID_MESSAGE);
+    assert_eq!(w.closed, vec![a, b]);
+    assert_eq!(w.shards[0].stats().ids_too_long, 2);
+
+    // Login as "0", the server's own id: refused before verify.
+    let c = w.open(0, 3, Transport::Tcp);
+    w.login(c, "0", 0);
+    assert_eq!(
+        login_response(&w.take(conn(c))[0]).code,
+        ERROR_INVALID_MESSAGE
+    );
+    assert_eq!(w.closed, vec![a, b, c]);
+    assert!(!w.shards[0].is_online("0"));
+    assert!(!w.shards[0].is_online(&long));
+    assert_eq!(probe.verifies.load(Ordering::SeqCst), 0);
+    assert_eq!(w.shards[0].stats().logins_refused, 2);
+    assert_eq!(w.shards[0].stats().logins, 0);
+}
