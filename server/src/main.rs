@@ -135,6 +135,13 @@ struct Args {
     /// Idle timeout of WebSocket connections, seconds [default: 20].
     #[arg(long, env = "IMEDGE_WS_IDLE")]
     ws_idle: Option<u64>,
+    /// Resends of a QoS message the server forwards before it counts as lost (and is stored
+    /// for the recipient) [default: 1, the reference's].
+    #[arg(long, env = "IMEDGE_QOS_RESENDS")]
+    qos_resends: Option<u32>,
+    /// Period of the server's QoS resend checks, milliseconds [default: 5000, the reference's].
+    #[arg(long, env = "IMEDGE_QOS_RESEND_INTERVAL")]
+    qos_resend_interval: Option<u64>,
     /// Stamp every server packet with the server clock (`sm`).
     #[arg(long, env = "IMEDGE_SERVER_TIMESTAMPS")]
     server_timestamps: Option<bool>,
@@ -175,6 +182,8 @@ struct FileConfig {
     tcp_idle: Option<u64>,
     udp_idle: Option<u64>,
     ws_idle: Option<u64>,
+    qos_resends: Option<u32>,
+    qos_resend_interval: Option<u64>,
     tcp_sense_mode: Option<String>,
     udp_sense_mode: Option<String>,
     ws_sense_mode: Option<String>,
@@ -253,6 +262,15 @@ fn main() -> anyhow::Result<()> {
     config.tcp_idle = secs(args.tcp_idle.or(file.tcp_idle), config.tcp_idle);
     config.udp_idle = secs(args.udp_idle.or(file.udp_idle), config.udp_idle);
     config.ws_idle = secs(args.ws_idle.or(file.ws_idle), config.ws_idle);
+    if let Some(n) = args.qos_resends.or(file.qos_resends) {
+        config.qos.max_resends = n;
+    }
+    if let Some(ms) = args.qos_resend_interval.or(file.qos_resend_interval) {
+        if ms == 0 {
+            bail!("--qos-resend-interval must be at least 1 ms");
+        }
+        config.qos.check_interval = Duration::from_millis(ms);
+    }
     config.server_timestamps = args
         .server_timestamps
         .or(file.server_timestamps)

@@ -27,6 +27,7 @@ use std::time::Instant;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServerConfig};
+use imedge_protocol::qos::receiver::TRANSIT_MARGIN;
 use imedge_protocol::UserId;
 
 use crate::hooks::{Command, ServerEvents};
@@ -543,6 +544,12 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         shard_config.ws_idle = config.ws_idle;
         shard_config.server_timestamps = config.server_timestamps;
         shard_config.qos_keys = qos_keys.clone();
+        shard_config.qos = config.qos;
+        // The window covers the longest a copy can keep coming under this schedule, if longer
+        // than the default (a deployment that resends more usually has clients that do too).
+        shard_config.dedup = shard_config
+            .dedup
+            .covering(config.qos.holding_time(), TRANSIT_MARGIN);
         let listeners = Listeners { tcp, ws, udp };
         let ready = ready.clone();
         let hooks = Arc::clone(&hooks);

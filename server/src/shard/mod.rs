@@ -196,6 +196,9 @@ pub enum ShardMsg {
     Delivered(route::Receipt),
     /// A [`Command`] for a user of the receiving shard.
     Command(Command),
+    /// A message lost by the resend table of the receiving shard is now stored: deliver `uid`'s
+    /// stored messages again if the user is still online.
+    Redrain(UserId<'static>),
 }
 
 /// Why a timer was set.
@@ -247,8 +250,12 @@ pub struct Stats {
     pub lost: u64,
     /// Inputs that failed to decode.
     pub malformed: u64,
-    /// QoS messages sent without a resend entry because the resend table was full.
-    pub untracked: u64,
+    /// QoS messages not written because the resend table was full (C2C: refused, no ACK; S2C:
+    /// reported lost and stored).
+    pub qos_table_full: u64,
+    /// Messages stored because the server's resends to a recipient who is still online ran
+    /// out, and delivered again from the store.
+    pub redrained: u64,
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
@@ -265,7 +272,8 @@ impl Stats {
         self.resent += other.resent;
         self.lost += other.lost;
         self.malformed += other.malformed;
-        self.untracked += other.untracked;
+        self.qos_table_full += other.qos_table_full;
+        self.redrained += other.redrained;
         self.ids_too_long += other.ids_too_long;
     }
 }
@@ -558,6 +566,7 @@ impl Shard {
             ShardMsg::Deliver(delivery) => self.deliver(now, delivery, out),
             ShardMsg::Delivered(receipt) => self.on_receipt(now, receipt, out),
             ShardMsg::Command(command) => self.run_command(now, command, out),
+            ShardMsg::Redrain(uid) => self.redrain(now, &uid, out),
         }
     }
 

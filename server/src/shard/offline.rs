@@ -104,8 +104,9 @@ impl Shard {
         true
     }
 
-    /// A server-sent message was not acknowledged after its resend: keep it for the next login
-    /// (unless it came from the store, where it still is).
+    /// A server-sent message was not acknowledged after its resends: store it (unless it came
+    /// from the store, where it still is). Once committed, a [`ShardMsg::Redrain`] delivers it
+    /// again if the recipient is still online, instead of parking it until the next login.
     pub(super) fn store_lost(&mut self, now: Now, item: &Pending, out: &mut dyn Outbox) {
         if item.seq.is_some() {
             self.drain_progress(now, &item.to, out);
@@ -121,14 +122,29 @@ impl Shard {
             json: item.json.clone(),
             stored_at_ms: now.epoch_ms,
         };
+        let (post, core, uid) = (Arc::clone(&offline.post), self.config.core, item.to.clone());
         offline.writer.submit(
             record,
-            Box::new(|result| {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "lost real-time message not stored");
-                }
+            Box::new(move |result| match result {
+                Ok(appended) if appended.is_durable() => post(core, ShardMsg::Redrain(uid)),
+                Ok(_) => {}
+                Err(error) => tracing::debug!(%error, "lost real-time message not stored"),
             }),
         );
+    }
+
+    /// A lost message of `uid` was stored: if `uid` is online, send the stored messages again —
+    /// as the next page of a delivery in progress, else as a new one.
+    pub(super) fn redrain(&mut self, now: Now, uid: &UserId<'static>, out: &mut dyn Outbox) {
+        if !self.online.contains_key(uid) {
+            return;
+        }
+        self.stats.redrained += 1;
+        if let Some(drain) = self.drains.get_mut(uid) {
+            drain.more = true;
+            return;
+        }
+        self.page_into(now, uid, 0, out);
     }
 
     /// The recipient acknowledged a message: if it came from the store, remove it there.

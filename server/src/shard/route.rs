@@ -7,6 +7,13 @@
 //!   (or stored) is ACKed again but not forwarded again.
 //! * S3 — server resend entries are keyed by (recipient, fingerprint): an ACK clears only
 //!   messages addressed to the user who sends it.
+//!
+//! Acknowledged means durable or delivered (issue 9 §3): a QoS message is written to an online
+//! recipient only once it has a resend entry. When the resend table is full (entries or bytes)
+//! a C2C message is refused — not written, no substitute ACK, counted in `qos_table_full` — so
+//! the sender's SDK resends it a few seconds later or reports it lost; it is never ACKed and then
+//! dropped. An S2C message from the application takes the path of a lost one (the `on_s2c_lost`
+//! hook, and the offline store when there is one).
 
 use std::net::SocketAddr;
 
@@ -148,8 +155,6 @@ impl Shard {
             .copied();
         let outcome = match (endpoint, &delivery.to) {
             (Some(endpoint), Some(to)) => {
-                out.send_json(endpoint, &delivery.json);
-                self.stats.delivered += 1;
                 if let (true, Some(fp)) = (delivery.qos, &delivery.fp) {
                     let pending = Pending {
                         to: to.clone(),
@@ -160,11 +165,20 @@ impl Shard {
                     };
                     let key = self.qos_key(to.as_str(), fp.as_str());
                     let heap = pending.heap_bytes();
-                    if self.resend.insert(now.mono, key, pending, heap).is_err() {
+                    if let Err(pending) = self.resend.insert(now.mono, key, pending, heap) {
                         // Per message, so counted rather than logged.
-                        self.stats.untracked += 1;
+                        self.stats.qos_table_full += 1;
+                        if delivery.from.is_server() {
+                            self.hooks
+                                .on_s2c_lost(to.as_str(), fp.as_str(), &delivery.json);
+                            self.store_lost(now, &pending, out);
+                        }
+                        // C2C: no receipt, so no ACK; the sender's SDK resends it.
+                        return;
                     }
                 }
+                out.send_json(endpoint, &delivery.json);
+                self.stats.delivered += 1;
                 if !delivery.from.is_server() {
                     let fp = delivery.fp.as_ref().map(Fingerprint::as_str);
                     self.hooks

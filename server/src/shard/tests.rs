@@ -107,16 +107,22 @@ fn peer(port: u16) -> SocketAddr {
 
 impl World {
     fn new(cores: usize, hooks: Arc<dyn ServerEvents>) -> Self {
+        Self::with_config(cores, hooks, |_| {})
+    }
+
+    /// A world whose shards' settings are the defaults changed by `tune`.
+    fn with_config(
+        cores: usize,
+        hooks: Arc<dyn ServerEvents>,
+        tune: impl Fn(&mut ShardConfig),
+    ) -> Self {
         let mono = Instant::now();
         let presence = Arc::new(Presence::new(cores));
         let shards = (0..cores)
             .map(|core| {
-                Shard::new(
-                    ShardConfig::new(core as CoreId, cores),
-                    Arc::clone(&hooks),
-                    mono,
-                )
-                .with_presence(Arc::clone(&presence))
+                let mut config = ShardConfig::new(core as CoreId, cores);
+                tune(&mut config);
+                Shard::new(config, Arc::clone(&hooks), mono).with_presence(Arc::clone(&presence))
             })
             .collect();
         Self {
@@ -936,4 +942,101 @@ fn logins_with_a_too_long_uid_or_as_the_server_are_refused() {
     assert_eq!(probe.verifies.load(Ordering::SeqCst), 0);
     assert_eq!(w.shards[0].stats().logins_refused, 2);
     assert_eq!(w.shards[0].stats().logins, 0);
+}
+
+#[test]
+fn full_resend_table_refuses_c2c_without_ack() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| c.qos.max_pending = 1);
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(a));
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", "one", Some("fp-1")));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    assert_eq!(w.take(conn(a))[0].kind, Kind::Ack);
+    // The table is full: the second message is neither written nor ACKed.
+    w.frame(a, &data("alice", "bob", "two", Some("fp-2")));
+    assert!(w.take(conn(b)).is_empty());
+    assert!(w.take(conn(a)).is_empty());
+    assert_eq!(w.shards[0].stats().qos_table_full, 1);
+    // Without QoS nothing needs the table.
+    w.frame(a, &data("alice", "bob", "plain", None));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    // Bob ACKs the first: the sender's resend of the second goes through and is ACKed.
+    w.frame(b, &ack("bob", "alice", "fp-1"));
+    w.frame(a, &data("alice", "bob", "two", Some("fp-2")));
+    assert_eq!(w.take(conn(b))[0].text(), Some("two"));
+    assert_eq!(w.take(conn(a))[0].kind, Kind::Ack);
+}
+
+#[test]
+fn full_resend_table_takes_s2c_to_the_lost_path() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| c.qos.max_pending = 0);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    let send = Command::Send {
+        to: UserId::new("bob"),
+        text: "from the app".into(),
+        typeu: -1,
+        qos: true,
+    };
+    w.on(0, |shard, now, out| shard.command(now, send, out));
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(*probe.lost.lock().unwrap(), vec!["bob".to_owned()]);
+    assert_eq!(w.shards[0].stats().qos_table_full, 1);
+}
+
+#[test]
+fn resends_to_an_online_recipient_that_run_out_are_stored_and_redelivered() {
+    let store = TestStore::new("redrain");
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", "hello", Some("fp-r")));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    // One resend, then lost at the next tick (SPEC §8.4): stored.
+    w.advance(Duration::from_secs(11));
+    assert_eq!(w.take(conn(b)).len(), 1, "the reference's single resend");
+    store.wait_stored("bob", 1);
+    // Once committed, bob (still online) gets it again from the store, without a new login.
+    store.settle(&mut w, 1);
+    let again = w.take(conn(b));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].text(), Some("hello"));
+    assert_eq!(again[0].fp.as_ref().unwrap().as_str(), "fp-r");
+    assert_eq!(w.shards[0].stats().redrained, 1);
+    // His ACK now removes it from the store.
+    w.frame(b, &ack("bob", "alice", "fp-r"));
+    store.wait_stored("bob", 0);
+}
+
+#[test]
+fn qos_resends_and_interval_are_configurable() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| {
+        c.qos.max_resends = 4;
+        c.qos.check_interval = Duration::from_millis(500);
+    });
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", "hi", Some("fp-c")));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    // Grace 2 s, then a resend every 500 ms: four by 4 s, lost at the fifth tick.
+    w.advance(Duration::from_millis(4_100));
+    assert_eq!(w.take(conn(b)).len(), 4);
+    assert!(probe.lost.lock().unwrap().is_empty());
+    w.advance(Duration::from_millis(500));
+    assert_eq!(*probe.lost.lock().unwrap(), vec!["bob".to_owned()]);
+    assert_eq!(w.shards[0].stats().resent, 4);
 }
