@@ -50,6 +50,9 @@ pub struct ServerConfig {
     /// (`--qos-resends`, `--qos-resend-interval`), the defaults are the reference's. The
     /// de-duplication window widens to cover it (`QosReceiverConfig::covering`).
     pub qos: QosSenderConfig,
+    /// Largest C2C message relayed (`--max-message-bytes`), see
+    /// [`crate::shard::ShardConfig::max_message_bytes`] for the rule.
+    pub max_message_bytes: usize,
     /// Largest TCP frame body (SPEC §1.1: 6144).
     pub tcp_max_body: usize,
     /// Largest UDP datagram (SPEC §1.2: 2048).
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             udp_idle: Transport::Udp.default_server_idle_timeout(),
             ws_idle: Transport::Ws.default_server_idle_timeout(),
             qos: QosSenderConfig::SERVER,
+            max_message_bytes: crate::shard::DEFAULT_MAX_MESSAGE_BYTES,
             tcp_max_body: tcp::DEFAULT_MAX_BODY,
             udp_max_datagram: udp::DEFAULT_MAX_DATAGRAM,
             server_timestamps: false,

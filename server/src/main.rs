@@ -142,6 +142,13 @@ struct Args {
     /// Period of the server's QoS resend checks, milliseconds [default: 5000, the reference's].
     #[arg(long, env = "IMEDGE_QOS_RESEND_INTERVAL")]
     qos_resend_interval: Option<u64>,
+    /// Largest C2C message relayed, in bytes as encoded for the recipient. Checked when the
+    /// sender's message arrives, on every transport: a larger one is refused (not relayed, not
+    /// stored, no ACK, error 4 to the sender) rather than sent in a form the recipient's SDK
+    /// drops. The default is the TCP frame limit; with Java UDP clients use 1024
+    /// [default: 6144].
+    #[arg(long, env = "IMEDGE_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
     /// Stamp every server packet with the server clock (`sm`).
     #[arg(long, env = "IMEDGE_SERVER_TIMESTAMPS")]
     server_timestamps: Option<bool>,
@@ -184,6 +191,7 @@ struct FileConfig {
     ws_idle: Option<u64>,
     qos_resends: Option<u32>,
     qos_resend_interval: Option<u64>,
+    max_message_bytes: Option<usize>,
     tcp_sense_mode: Option<String>,
     udp_sense_mode: Option<String>,
     ws_sense_mode: Option<String>,
@@ -270,6 +278,9 @@ fn main() -> anyhow::Result<()> {
             bail!("--qos-resend-interval must be at least 1 ms");
         }
         config.qos.check_interval = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.max_message_bytes.or(file.max_message_bytes) {
+        config.max_message_bytes = n;
     }
     config.server_timestamps = args
         .server_timestamps

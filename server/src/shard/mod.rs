@@ -47,6 +47,11 @@ const ENCODE_ROOM: usize = 1024;
 /// share one; a message kept for a resend keeps its whole chunk alive, so the chunk stays small.
 const ENCODE_CHUNK: usize = 4096;
 
+/// Default of `--max-message-bytes`: the reference's TCP frame limit (SPEC §1.1), which the Java
+/// TCP SDK also applies to the frames it reads — a larger relay would be dropped by its SDK,
+/// resent, reported lost and, once stored, redelivered at every login forever.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = imedge_protocol::frame::tcp::DEFAULT_MAX_BODY;
+
 /// Index of a core (and of its shard).
 pub type CoreId = u16;
 
@@ -105,6 +110,14 @@ pub struct ShardConfig {
     pub qos: QosSenderConfig,
     /// De-duplication window of C2S and C2C fingerprints (SPEC §8.5).
     pub dedup: QosReceiverConfig,
+    /// Largest C2C message relayed, in bytes of its encoding as it goes to the recipient (with
+    /// `from` overwritten and `sm` stamped). One rule for every transport, checked at the
+    /// sender's ingress whatever the recipient's transport, since the recipient may be offline
+    /// or on another core: a larger message is refused — not relayed, not stored, no ACK (the
+    /// sender's SDK reports it lost), an error 4 to the sender, counted in `too_large`. The
+    /// default suits TCP and WebSocket recipients; Java UDP clients read only 1024 bytes per
+    /// datagram (SPEC §1.2), so a deployment with them sets 1024.
+    pub max_message_bytes: usize,
     /// Secret of the QoS tables' compact keys: one per process, drawn at start-up, so a client
     /// cannot choose fingerprints that collide.
     pub qos_keys: QosKeyHasher,
@@ -123,6 +136,7 @@ impl ShardConfig {
             qos: QosSenderConfig::SERVER,
             dedup: QosReceiverConfig::SERVER,
             qos_keys: QosKeyHasher::random(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 
@@ -253,6 +267,8 @@ pub struct Stats {
     /// QoS messages not written because the resend table was full (C2C: refused, no ACK; S2C:
     /// reported lost and stored).
     pub qos_table_full: u64,
+    /// C2C messages refused because their relay was larger than `max_message_bytes`.
+    pub too_large: u64,
     /// Messages stored because the server's resends to a recipient who is still online ran
     /// out, and delivered again from the store.
     pub redrained: u64,
@@ -274,6 +290,7 @@ impl Stats {
         self.malformed += other.malformed;
         self.qos_table_full += other.qos_table_full;
         self.redrained += other.redrained;
+        self.too_large += other.too_large;
         self.ids_too_long += other.ids_too_long;
     }
 }

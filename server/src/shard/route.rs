@@ -127,13 +127,20 @@ impl Shard {
         if self.config.server_timestamps {
             msg.sm = now.epoch_ms;
         }
+        let json = self.encode_once(&msg);
+        if json.len() > self.config.max_message_bytes {
+            // See `ShardConfig::max_message_bytes`: refused here, before any table or store.
+            self.stats.too_large += 1;
+            self.refuse_invalid(now, endpoint, true, "message too large to relay", out);
+            return;
+        }
         let delivery = Delivery {
             from: uid.clone(),
             to: msg.to.clone().map(UserId::into_owned),
             fp: fp.map(Fingerprint::into_owned),
             qos: msg.qos && msg.fp.is_some(),
             bridge: msg.bridge,
-            json: self.encode_once(&msg),
+            json,
             reply_to: Some(self.config.core),
         };
         let target = delivery.to.as_ref().map_or(self.config.core, |to| {

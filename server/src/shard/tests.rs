@@ -1040,3 +1040,62 @@ fn qos_resends_and_interval_are_configurable() {
     assert_eq!(*probe.lost.lock().unwrap(), vec!["bob".to_owned()]);
     assert_eq!(w.shards[0].stats().resent, 4);
 }
+
+#[test]
+fn c2c_larger_than_max_message_bytes_is_refused_at_the_sender() {
+    use imedge_protocol::message::payload::ERROR_INVALID_MESSAGE;
+    let probe = Arc::new(Probe {
+        store_offline: true,
+        ..Probe::default()
+    });
+    let mut w = World::new(1, probe.clone());
+    let a = w.open(0, 1, Transport::Ws);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(a));
+    w.take(conn(b));
+    // The relay of this one is exactly the limit: relayed and ACKed.
+    let probe_len = data("alice", "bob", "", Some("fp-1")).to_json().len();
+    let fits = "x".repeat(DEFAULT_MAX_MESSAGE_BYTES - probe_len);
+    w.frame(a, &data("alice", "bob", &fits, Some("fp-1")));
+    let got = w.take(conn(b));
+    assert_eq!(got[0].to_json().len(), DEFAULT_MAX_MESSAGE_BYTES);
+    assert_eq!(w.take(conn(a))[0].kind, Kind::Ack);
+    // One byte more: refused at the sender, to an online and to an offline recipient alike.
+    let big = format!("{fits}y");
+    w.frame(a, &data("alice", "bob", &big, Some("fp-2")));
+    w.frame(a, &data("alice", "carol", &big, Some("fp-3")));
+    assert!(w.take(conn(b)).is_empty());
+    let replies = w.take(conn(a));
+    assert_eq!(replies.len(), 2);
+    assert!(replies
+        .iter()
+        .all(|r| error_code(r) == ERROR_INVALID_MESSAGE));
+    assert!(probe.stored.lock().unwrap().is_empty());
+    assert_eq!(w.shards[0].stats().too_large, 2);
+    assert!(w.closed.is_empty());
+    // From a UDP session too.
+    let dave = Endpoint::Udp(peer(7));
+    w.datagram(0, peer(7), &login("dave", 0));
+    w.datagram(
+        0,
+        peer(7),
+        &data("dave", "bob", &format!("{big}yy"), Some("fp-4")),
+    );
+    let replies = w.take(dave);
+    assert_eq!(error_code(&replies[1]), ERROR_INVALID_MESSAGE);
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(w.shards[0].stats().too_large, 3);
+
+    // The limit is a setting.
+    let mut w = World::with_config(1, probe.clone(), |c| c.max_message_bytes = 1024);
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", &"z".repeat(1024), None));
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(w.shards[0].stats().too_large, 1);
+}
