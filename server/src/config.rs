@@ -53,6 +53,11 @@ pub struct ServerConfig {
     /// Largest C2C message relayed (`--max-message-bytes`), see
     /// [`crate::shard::ShardConfig::max_message_bytes`] for the rule.
     pub max_message_bytes: usize,
+    /// Data messages per second a session may send (`--session-msg-rate`, 0 = no limit) and its
+    /// burst (`--session-msg-burst`); see [`crate::shard::ShardConfig::session_msg_rate`].
+    pub session_msg_rate: u32,
+    /// See `session_msg_rate`.
+    pub session_msg_burst: u32,
     /// Largest TCP frame body (SPEC §1.1: 6144).
     pub tcp_max_body: usize,
     /// Largest UDP datagram (SPEC §1.2: 2048).
@@ -87,6 +92,8 @@ impl Default for ServerConfig {
             ws_idle: Transport::Ws.default_server_idle_timeout(),
             qos: QosSenderConfig::SERVER,
             max_message_bytes: crate::shard::DEFAULT_MAX_MESSAGE_BYTES,
+            session_msg_rate: crate::shard::DEFAULT_SESSION_MSG_RATE,
+            session_msg_burst: crate::shard::DEFAULT_SESSION_MSG_BURST,
             tcp_max_body: tcp::DEFAULT_MAX_BODY,
             udp_max_datagram: udp::DEFAULT_MAX_DATAGRAM,
             server_timestamps: false,

@@ -149,6 +149,15 @@ struct Args {
     /// [default: 6144].
     #[arg(long, env = "IMEDGE_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
+    /// Data messages per second one session may send; past it (and its burst) they are dropped
+    /// without an ACK, so the SDK resends them later or reports them lost. 0 = no limit
+    /// [default: 200].
+    #[arg(long, env = "IMEDGE_SESSION_MSG_RATE")]
+    session_msg_rate: Option<u32>,
+    /// Data messages one session may send at once before --session-msg-rate applies
+    /// [default: 400].
+    #[arg(long, env = "IMEDGE_SESSION_MSG_BURST")]
+    session_msg_burst: Option<u32>,
     /// Stamp every server packet with the server clock (`sm`).
     #[arg(long, env = "IMEDGE_SERVER_TIMESTAMPS")]
     server_timestamps: Option<bool>,
@@ -192,6 +201,8 @@ struct FileConfig {
     qos_resends: Option<u32>,
     qos_resend_interval: Option<u64>,
     max_message_bytes: Option<usize>,
+    session_msg_rate: Option<u32>,
+    session_msg_burst: Option<u32>,
     tcp_sense_mode: Option<String>,
     udp_sense_mode: Option<String>,
     ws_sense_mode: Option<String>,
@@ -281,6 +292,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.max_message_bytes.or(file.max_message_bytes) {
         config.max_message_bytes = n;
+    }
+    if let Some(n) = args.session_msg_rate.or(file.session_msg_rate) {
+        config.session_msg_rate = n;
+    }
+    if let Some(n) = args.session_msg_burst.or(file.session_msg_burst) {
+        config.session_msg_burst = n;
     }
     config.server_timestamps = args
         .server_timestamps

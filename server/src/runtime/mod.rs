@@ -546,6 +546,8 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         shard_config.qos_keys = qos_keys.clone();
         shard_config.qos = config.qos;
         shard_config.max_message_bytes = config.max_message_bytes;
+        shard_config.session_msg_rate = config.session_msg_rate;
+        shard_config.session_msg_burst = config.session_msg_burst;
         // The window covers the longest a copy can keep coming under this schedule, if longer
         // than the default (a deployment that resends more usually has clients that do too).
         shard_config.dedup = shard_config

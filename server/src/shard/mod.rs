@@ -52,6 +52,16 @@ const ENCODE_CHUNK: usize = 4096;
 /// resent, reported lost and, once stored, redelivered at every login forever.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = imedge_protocol::frame::tcp::DEFAULT_MAX_BODY;
 
+/// Default of `--session-msg-rate`: data messages (type 2) per second a session may send,
+/// sustained. A person chatting sends a few per second at most and the Java SDK's resends add
+/// at most two copies of each; 200/s is far above any client and still caps what one session can
+/// make the server relay, store and de-duplicate.
+pub const DEFAULT_SESSION_MSG_RATE: u32 = 200;
+
+/// Default of `--session-msg-burst`: data messages a session may send at once before the rate
+/// applies (an app flushing its outbox after a reconnect, the SDK resending a batch).
+pub const DEFAULT_SESSION_MSG_BURST: u32 = 400;
+
 /// Index of a core (and of its shard).
 pub type CoreId = u16;
 
@@ -118,6 +128,14 @@ pub struct ShardConfig {
     /// default suits TCP and WebSocket recipients; Java UDP clients read only 1024 bytes per
     /// datagram (SPEC §1.2), so a deployment with them sets 1024.
     pub max_message_bytes: usize,
+    /// Data messages (type 2) per second a session may send, sustained (0 = no limit). Past it
+    /// they are dropped without an ACK — the SDK resends them later or reports them lost —
+    /// and counted in `rate_limited`. Keep-alives, ACKs and logins do not count: ACKs answer
+    /// what the server sends (a drain of stored messages), and refusing them would only cause
+    /// resends.
+    pub session_msg_rate: u32,
+    /// Data messages a session may send in a burst before `session_msg_rate` applies.
+    pub session_msg_burst: u32,
     /// Secret of the QoS tables' compact keys: one per process, drawn at start-up, so a client
     /// cannot choose fingerprints that collide.
     pub qos_keys: QosKeyHasher,
@@ -137,6 +155,8 @@ impl ShardConfig {
             dedup: QosReceiverConfig::SERVER,
             qos_keys: QosKeyHasher::random(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            session_msg_rate: DEFAULT_SESSION_MSG_RATE,
+            session_msg_burst: DEFAULT_SESSION_MSG_BURST,
         }
     }
 
@@ -243,6 +263,40 @@ struct Session {
     kickout_code: Option<i32>,
     /// UDP: the core whose socket receives this client's datagrams (replies go out from ours).
     via: CoreId,
+    /// The session's data-message allowance (`session_msg_rate`).
+    allowance: TokenBucket,
+}
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second, one taken per message.
+#[derive(Debug, Clone, Copy)]
+struct TokenBucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    fn full(burst: u32, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            refilled: now,
+        }
+    }
+
+    /// Takes a token if there is one. A `rate` of 0 means no limit.
+    fn take(&mut self, now: Instant, rate: u32, burst: u32) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(f64::from(burst.max(1)));
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 /// Per-shard counters, merged by the reporter.
@@ -267,6 +321,8 @@ pub struct Stats {
     /// QoS messages not written because the resend table was full (C2C: refused, no ACK; S2C:
     /// reported lost and stored).
     pub qos_table_full: u64,
+    /// Data messages dropped (no ACK) because their session passed `session_msg_rate`.
+    pub rate_limited: u64,
     /// C2C messages refused because their relay was larger than `max_message_bytes`.
     pub too_large: u64,
     /// Messages stored because the server's resends to a recipient who is still online ran
@@ -291,6 +347,7 @@ impl Stats {
         self.qos_table_full += other.qos_table_full;
         self.redrained += other.redrained;
         self.too_large += other.too_large;
+        self.rate_limited += other.rate_limited;
         self.ids_too_long += other.ids_too_long;
     }
 }
@@ -694,6 +751,7 @@ impl Shard {
                 idle_timer,
                 kickout_code: None,
                 via: self.config.core,
+                allowance: TokenBucket::full(self.config.session_msg_burst, now.mono),
             },
         );
         if let Some(previous) = previous {
@@ -774,6 +832,11 @@ impl Shard {
             self.stats.ids_too_long += 1;
             return;
         }
+        if msg.kind == Kind::CommonData && logged_in.is_some() && !self.allow_data(now, endpoint) {
+            // No ACK: the sender's SDK resends it later, or reports it lost.
+            self.stats.rate_limited += 1;
+            return;
+        }
         match (msg.kind, logged_in) {
             (Kind::Login, _) => self.on_login(now, endpoint, msg, out),
             (Kind::Echo, _) => {
@@ -801,6 +864,14 @@ impl Shard {
             // Any other type is ignored, session kept (SPEC §3).
             _ => {}
         }
+    }
+
+    /// Takes a token from the session's data-message allowance (`session_msg_rate`).
+    fn allow_data(&mut self, now: Now, endpoint: Endpoint) -> bool {
+        let (rate, burst) = (self.config.session_msg_rate, self.config.session_msg_burst);
+        self.sessions
+            .get_mut(&endpoint)
+            .is_none_or(|s| s.allowance.take(now.mono, rate, burst))
     }
 
     /// Refuses a message the server will not take (an id too long, too large to relay): no ACK,

@@ -1099,3 +1099,38 @@ fn c2c_larger_than_max_message_bytes_is_refused_at_the_sender() {
     assert!(w.take(conn(b)).is_empty());
     assert_eq!(w.shards[0].stats().too_large, 1);
 }
+
+#[test]
+fn data_past_the_session_rate_is_dropped_without_ack() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| {
+        c.session_msg_rate = 10;
+        c.session_msg_burst = 20;
+    });
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.take(conn(a));
+    // A burst of 25 C2S messages at one instant: 20 ACKed and handled, 5 dropped silently.
+    for i in 0..25 {
+        w.frame(a, &data("alice", "0", "x", Some(&format!("fp-{i}"))));
+    }
+    assert_eq!(w.take(conn(a)).len(), 20);
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 20);
+    assert_eq!(w.shards[0].stats().rate_limited, 5);
+    // Keep-alives and ACKs are not limited.
+    w.frame(a, &Message::keep_alive(UserId::new("alice")));
+    assert_eq!(w.take(conn(a))[0].kind, Kind::KeepAliveResponse);
+    // After 0.5 s, 5 more tokens: the SDK's resends of the dropped ones go through.
+    w.advance(Duration::from_millis(500));
+    for i in 20..26 {
+        w.frame(a, &data("alice", "0", "x", Some(&format!("fp-{i}"))));
+    }
+    assert_eq!(w.take(conn(a)).len(), 5);
+    assert_eq!(w.shards[0].stats().rate_limited, 6);
+    // Sessions have their own allowance.
+    let b = w.open(0, 2, Transport::Ws);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(b, &data("bob", "0", "x", Some("fp-b")));
+    assert_eq!(w.take(conn(b)).len(), 1);
+}
