@@ -180,6 +180,8 @@ fn spawn(dir: &std::path::Path) -> (Child, u16) {
             "off",
         ])
         .args(["--threads", "2", "--no-pin", "true"])
+        // The kill -9 test streams 10,000 messages from one session at once.
+        .args(["--session-msg-rate", "0"])
         .arg("--data-dir")
         .arg(dir)
         .stdout(Stdio::piped())

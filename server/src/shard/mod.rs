@@ -323,6 +323,12 @@ pub struct Stats {
     pub qos_table_full: u64,
     /// Data messages dropped (no ACK) because their session passed `session_msg_rate`.
     pub rate_limited: u64,
+    /// Keys the de-duplication windows forgot early because a window reached its byte bound
+    /// (`QosReceiverConfig::max_bytes`): a late duplicate of one of them would be delivered again.
+    pub dedup_evicted: u64,
+    /// Bytes held by the QoS tables (resend table and both windows) when the counters were
+    /// read: a gauge, summed over shards by `merge`.
+    pub qos_bytes: u64,
     /// C2C messages refused because their relay was larger than `max_message_bytes`.
     pub too_large: u64,
     /// Messages stored because the server's resends to a recipient who is still online ran
@@ -348,6 +354,8 @@ impl Stats {
         self.redrained += other.redrained;
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
+        self.dedup_evicted += other.dedup_evicted;
+        self.qos_bytes += other.qos_bytes;
         self.ids_too_long += other.ids_too_long;
     }
 }
@@ -488,9 +496,13 @@ impl Shard {
             .unwrap_or_else(|| Api::new(Arc::clone(&self.presence)))
     }
 
-    /// This shard's counters.
+    /// This shard's counters, with the QoS tables' own.
     pub fn stats(&self) -> Stats {
-        self.stats
+        let mut stats = self.stats;
+        stats.dedup_evicted = self.dedup.stats().evicted_keys + self.c2c_done.stats().evicted_keys;
+        let bytes = self.resend.bytes() + self.dedup.bytes() + self.c2c_done.bytes();
+        stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        stats
     }
 
     /// Number of logged-in users whose session is on this shard.

@@ -1134,3 +1134,31 @@ fn data_past_the_session_rate_is_dropped_without_ack() {
     w.frame(b, &data("bob", "0", "x", Some("fp-b")));
     assert_eq!(w.take(conn(b)).len(), 1);
 }
+
+#[test]
+fn dedup_windows_are_bounded_in_bytes_and_count_evictions() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| {
+        c.dedup.max_bytes = 16 << 10;
+        c.session_msg_rate = 0;
+    });
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..5_000 {
+        w.frame(a, &data("alice", "0", "x", Some(&format!("fp-{i}"))));
+        if i % 500 == 0 {
+            w.advance(Duration::from_secs(5));
+        }
+    }
+    let stats = w.shards[0].stats();
+    assert!(stats.dedup_evicted > 0);
+    assert!(
+        stats.qos_bytes <= 2 * (16 << 10),
+        "{} bytes",
+        stats.qos_bytes
+    );
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 5_000);
+    // The newest is still known: its resend is ACKed, not handed to the application again.
+    w.frame(a, &data("alice", "0", "x", Some("fp-4999")));
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 5_000);
+}
