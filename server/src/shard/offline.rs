@@ -16,7 +16,7 @@ use std::sync::Arc;
 use imedge_protocol::{Fingerprint, UserId};
 
 use super::route::{Delivery, Outcome};
-use super::{qos_key, CoreId, Now, Outbox, Pending, Shard, ShardMsg};
+use super::{CoreId, Now, Outbox, Pending, Shard, ShardMsg};
 use crate::store::{group::GroupCommit, Offline, Store};
 
 /// Stored messages sent per page at login. Bounded so a large backlog neither stalls the loop
@@ -104,8 +104,9 @@ impl Shard {
         true
     }
 
-    /// A server-sent message was not acknowledged after its resend: keep it for the next login
-    /// (unless it came from the store, where it still is).
+    /// A server-sent message was not acknowledged after its resends: store it (unless it came
+    /// from the store, where it still is). Once committed, a [`ShardMsg::Redrain`] delivers it
+    /// again if the recipient is still online, instead of parking it until the next login.
     pub(super) fn store_lost(&mut self, now: Now, item: &Pending, out: &mut dyn Outbox) {
         if item.seq.is_some() {
             self.drain_progress(now, &item.to, out);
@@ -121,14 +122,29 @@ impl Shard {
             json: item.json.clone(),
             stored_at_ms: now.epoch_ms,
         };
+        let (post, core, uid) = (Arc::clone(&offline.post), self.config.core, item.to.clone());
         offline.writer.submit(
             record,
-            Box::new(|result| {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "lost real-time message not stored");
-                }
+            Box::new(move |result| match result {
+                Ok(appended) if appended.is_durable() => post(core, ShardMsg::Redrain(uid)),
+                Ok(_) => {}
+                Err(error) => tracing::debug!(%error, "lost real-time message not stored"),
             }),
         );
+    }
+
+    /// A lost message of `uid` was stored: if `uid` is online, send the stored messages again —
+    /// as the next page of a delivery in progress, else as a new one.
+    pub(super) fn redrain(&mut self, now: Now, uid: &UserId<'static>, out: &mut dyn Outbox) {
+        if !self.online.contains_key(uid) {
+            return;
+        }
+        self.stats.redrained += 1;
+        if let Some(drain) = self.drains.get_mut(uid) {
+            drain.more = true;
+            return;
+        }
+        self.page_into(now, uid, 0, out);
     }
 
     /// The recipient acknowledged a message: if it came from the store, remove it there.
@@ -224,7 +240,7 @@ impl Shard {
             match stored.fp {
                 Some(fp) => {
                     let fp = Fingerprint::from(fp);
-                    let key = Fingerprint::from(qos_key(uid.as_str(), fp.as_str()));
+                    let key = self.qos_key(uid.as_str(), fp.as_str());
                     let pending = Pending {
                         to: uid.clone(),
                         from: UserId::from(stored.from),
@@ -232,7 +248,8 @@ impl Shard {
                         json: stored.json,
                         seq: Some(stored.seq),
                     };
-                    if self.resend.insert(now.mono, key, pending).is_ok() {
+                    let heap = pending.heap_bytes();
+                    if self.resend.insert(now.mono, key, pending, heap).is_ok() {
                         drain.in_flight += 1;
                     }
                 }
