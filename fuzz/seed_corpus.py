@@ -3,7 +3,7 @@
 
 Each target gets the units it parses: tcp_framer the TCP frames (with a leading split byte),
 ws_frame the WebSocket frames and upgrade requests (with a leading mode byte), message_decode the
-JSON bodies of every transport. Units over 8 KiB are left out to keep the corpus small.
+JSON bodies of every transport, conn_cut each TCP or WebSocket connection's client bytes. Units over 8 KiB are left out to keep the corpus small.
 Usage: fuzz/seed_corpus.py [VECTORS_DIR]
 """
 import hashlib, json, pathlib, sys
@@ -21,6 +21,18 @@ def put(target, data):
 
 for f in sorted(vectors.glob("*.jsonl")):
     transport = f.name.split("-")[0]
+    # conn_cut: each connection's client bytes in one stream, cut in chunks of 1, 7 or all at
+    # once (mode bits 2..); WebSocket streams carry their own upgrade (mode bit 1).
+    if transport in ("tcp", "ws"):
+        streams = {}
+        for line in f.read_text().splitlines():
+            u = json.loads(line)
+            if u["dir"] == "c2s" and u["hex"]:
+                streams.setdefault(u.get("conn"), bytearray()).extend(bytes.fromhex(u["hex"]))
+        for stream in streams.values():
+            for chunk in (0, 1, 7):
+                mode = (chunk << 2) | (0 if transport == "tcp" else 3)
+                put("conn_cut", bytes([mode]) + bytes(stream))
     for line in f.read_text().splitlines():
         u = json.loads(line)
         raw = bytes.fromhex(u["hex"])
@@ -33,5 +45,5 @@ for f in sorted(vectors.glob("*.jsonl")):
         elif transport == "ws":
             mode = 0 if u.get("kind") == "http" else (1 if u["dir"] == "c2s" else 3)
             put("ws_frame", bytes([mode]) + raw)
-for t in ("message_decode", "tcp_framer", "ws_frame"):
+for t in ("message_decode", "tcp_framer", "ws_frame", "conn_cut"):
     print(t, len(list((here / "corpus" / t).iterdir())))

@@ -22,6 +22,8 @@ fn with_store(threads: usize, dir: &std::path::Path) -> imedge_server::config::S
     let mut cfg = config(threads);
     cfg.offline_store = true;
     cfg.data_dir = dir.to_path_buf();
+    // These tests send thousands of messages back to back: no per-session rate limit.
+    cfg.session_msg_rate = 0;
     cfg
 }
 

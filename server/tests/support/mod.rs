@@ -84,6 +84,16 @@ impl Server {
         }
     }
 
+    /// A server running elsewhere (another process) at these addresses: clients only.
+    pub fn at(tcp: SocketAddr, udp: SocketAddr, ws: SocketAddr) -> Self {
+        Self {
+            handle: None,
+            tcp,
+            udp,
+            ws,
+        }
+    }
+
     /// The application's control API.
     pub fn api(&self) -> runtime::ControlApi {
         self.handle.as_ref().unwrap().api()
