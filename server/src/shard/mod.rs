@@ -241,6 +241,8 @@ pub struct Stats {
     pub malformed: u64,
     /// QoS messages sent without a resend entry because the resend table was full.
     pub untracked: u64,
+    /// The connection layer's limits hit on this core (filled in by the loop).
+    pub conn: crate::runtime::conn::ConnStats,
 }
 
 impl Stats {
@@ -255,6 +257,7 @@ impl Stats {
         self.lost += other.lost;
         self.malformed += other.malformed;
         self.untracked += other.untracked;
+        self.conn.merge(&other.conn);
     }
 }
 

@@ -20,7 +20,7 @@ use super::{qos_key, CoreId, Now, Outbox, Pending, Shard, ShardMsg};
 use crate::store::{group::GroupCommit, Offline, Store};
 
 /// Stored messages sent per page at login. Bounded so a large backlog neither stalls the loop
-/// nor overflows the connection's send buffer (`MAX_TX_BUFFER`): the next page goes out when
+/// nor overflows the connection's send budget (`--max-send-buffer`): the next page goes out when
 /// the recipient has acknowledged (or lost) the current one.
 pub const LOGIN_PAGE: usize = 256;
 
