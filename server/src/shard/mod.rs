@@ -331,6 +331,8 @@ pub struct Stats {
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
+    /// The connection layer's limits hit on this core (filled in by the loop).
+    pub conn: crate::runtime::conn::ConnStats,
 }
 
 impl Stats {
@@ -349,6 +351,7 @@ impl Stats {
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
         self.ids_too_long += other.ids_too_long;
+        self.conn.merge(&other.conn);
     }
 }
 
@@ -399,6 +402,9 @@ pub struct Shard {
     encoded: BytesMut,
     /// Users whose stored messages are being delivered, a page at a time.
     drains: HashMap<UserId<'static>, offline::Drain>,
+    /// Stored messages delivered and acknowledged whose removal the store may not have
+    /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
+    removing: offline::Removing,
     stats: Stats,
 }
 
@@ -450,6 +456,7 @@ impl Shard {
             qos_timer: None,
             encoded: BytesMut::new(),
             drains: HashMap::new(),
+            removing: offline::Removing::default(),
             stats: Stats::default(),
         }
     }
