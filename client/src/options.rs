@@ -28,6 +28,25 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// bound only matters for a [`crate::Client`] cloned into many tasks.
 pub const DEFAULT_COMMAND_CAPACITY: usize = 128;
 
+/// Notices ([`crate::Notice`]) queued towards the application before the client applies
+/// backpressure. A chat application takes its messages as they come; 1024 leaves room for a
+/// burst (a stored backlog drained at login arrives in pages of a few hundred) without letting a
+/// stalled application grow memory without bound.
+///
+/// When the queue is full, a received data message is **not taken**: a QoS message is not ACKed,
+/// so its sender resends it later (and the de-duplication window has not recorded it, so the
+/// resend is delivered); a message without QoS is dropped, as a lossy link would. Other notices
+/// (login results, ACKs, losses, link events) wait in a small overflow queue, bounded by
+/// [`MAX_OVERFLOW_NOTICES`].
+pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+
+/// Notices other than received messages kept while the event queue is full. One `Delivered` or
+/// `Lost` per message the resend table can hold (`qos::sender::CLIENT_MAX_PENDING`, 4096) plus
+/// room for login and link notices; past it (only a server flooding echo responses or errors at
+/// an application that never reads) further notices are dropped and counted in
+/// [`crate::State::dropped_notices`].
+pub const MAX_OVERFLOW_NOTICES: usize = 4096 + 256;
+
 /// The reference server's listening port for `transport` (SPEC §1).
 pub const fn default_port(transport: Transport) -> u16 {
     match transport {
@@ -71,6 +90,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// See [`DEFAULT_COMMAND_CAPACITY`].
     pub command_capacity: usize,
+    /// Capacity of the [`crate::Events`] queue, see [`DEFAULT_EVENT_CAPACITY`] for what happens
+    /// when it is full. At least 1.
+    pub event_capacity: usize,
 }
 
 impl ClientOptions {
@@ -94,6 +116,12 @@ impl ClientOptions {
     /// Uses the SDK sense mode `mode` (see [`ClientOptions::sense_mode`]).
     pub fn with_sense_mode(mut self, mode: SenseMode) -> Self {
         self.sense_mode = Some(mode);
+        self
+    }
+
+    /// Sets the capacity of the event queue (see [`DEFAULT_EVENT_CAPACITY`]).
+    pub fn with_event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = capacity;
         self
     }
 
@@ -136,6 +164,7 @@ impl Default for ClientOptions {
             qos: QosSenderConfig::CLIENT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_capacity: DEFAULT_COMMAND_CAPACITY,
+            event_capacity: DEFAULT_EVENT_CAPACITY,
         }
     }
 }
@@ -154,6 +183,7 @@ impl fmt::Debug for ClientOptions {
             .field("qos", &self.qos)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_capacity", &self.command_capacity)
+            .field("event_capacity", &self.event_capacity)
             .finish()
     }
 }
