@@ -12,7 +12,7 @@ use imedge_client::{Event, Transport};
 use imedge_protocol::{Fingerprint, Kind, Message, UserId};
 use support::{bounded, load, Conn, Server, PROMPT};
 
-/// Generous: the client answers at once on loopback, but test threads share two cores.
+/// On the paused clock (see `liveness.rs`) a deadline only passes when nothing is left to do.
 const DEADLINE: Duration = Duration::from_secs(10);
 
 fn data(n: usize) -> Message<'static> {
@@ -37,7 +37,7 @@ async fn next_ack(peer: &mut Conn, timeout: Duration) -> Option<String> {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn full_event_queue_leaves_qos_messages_unacknowledged() {
     bounded(60, async {
         let units = load("tcp-login-logout.jsonl", "alice");
@@ -98,7 +98,7 @@ async fn full_event_queue_leaves_qos_messages_unacknowledged() {
 
 /// Notices other than messages never wait and are never lost while the queue is full: the
 /// login result of a client whose application reads nothing waits in the overflow.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn notices_overflow_rather_than_block_the_client() {
     bounded(60, async {
         let units = load("tcp-login-logout.jsonl", "alice");
