@@ -116,6 +116,7 @@ fn short_c2c_run_delivers_everything() {
         "acked",
         "lost",
         "duplicated",
+        "app_duplicated",
         "reordered",
         "msgs_per_s",
     ] {
@@ -136,6 +137,7 @@ fn short_c2c_run_delivers_everything() {
     assert_eq!(totals["delivered"].as_u64().unwrap(), sent);
     assert_eq!(totals["lost"], 0);
     assert_eq!(totals["duplicated"], 0);
+    assert_eq!(totals["app_duplicated"], 0);
     assert_eq!(totals["unsent"], 0);
     assert_eq!(totals["acked"].as_u64().unwrap(), sent);
     assert_eq!(report.exit_code(), 0);

@@ -71,6 +71,12 @@ pub struct ServerConfig {
     pub offline_max_per_user: usize,
     /// Stored messages older than this are dropped at delivery time, and counted.
     pub offline_max_age: Duration,
+    /// Most bytes a TCP or WebSocket connection may leave unsent; a slow consumer past it is
+    /// disconnected (its unacknowledged QoS messages take the lost path to the offline store).
+    pub max_send_buffer: usize,
+    /// A write to a connection that makes no progress this long closes the connection (also
+    /// the accepted sockets' `TCP_USER_TIMEOUT`).
+    pub write_stall_timeout: Duration,
     /// Benchmark mode: echo every frame and datagram back to its sender, bypassing the protocol
     /// (see `runtime::Limits::echo`). Never for production.
     pub bench_echo: bool,
@@ -100,6 +106,8 @@ impl Default for ServerConfig {
             offline_store: true,
             offline_max_per_user: crate::store::DEFAULT_MAX_PER_USER,
             offline_max_age: crate::store::DEFAULT_MAX_AGE,
+            max_send_buffer: DEFAULT_MAX_SEND_BUFFER,
+            write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
             bench_echo: false,
         }
     }
@@ -111,3 +119,14 @@ pub const DEFAULT_TCP_PORT: u16 = 8901;
 pub const DEFAULT_UDP_PORT: u16 = 7901;
 /// The reference's WebSocket port.
 pub const DEFAULT_WS_PORT: u16 = 3000;
+
+/// Default `--max-send-buffer`: 4 MiB holds a login page of stored messages of the largest size
+/// (`shard::LOGIN_PAGE` × a 6 KiB frame ≈ 1.5 MiB, sent at once) with room for live traffic —
+/// far more than a client that reads ever leaves waiting — while a client that never reads
+/// pins at most that much.
+pub const DEFAULT_MAX_SEND_BUFFER: usize = 4 << 20;
+
+/// Default `--write-stall-timeout`: as long as the reference's TCP idle timeout is short (10 s
+/// is half of its 20 s), so a peer that stops reading is dropped about when one that stops
+/// sending would be.
+pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);

@@ -177,6 +177,14 @@ struct Args {
     /// Stored messages older than this many seconds are dropped [default: 604800 = 7 days].
     #[arg(long, env = "IMEDGE_OFFLINE_MAX_AGE")]
     offline_max_age: Option<u64>,
+    /// Most bytes a TCP/WebSocket connection may leave unread before it is disconnected as a
+    /// slow consumer [default: 4194304].
+    #[arg(long, env = "IMEDGE_MAX_SEND_BUFFER")]
+    max_send_buffer: Option<usize>,
+    /// Seconds a write may make no progress before its connection is closed (also the
+    /// sockets' TCP_USER_TIMEOUT) [default: 10].
+    #[arg(long, env = "IMEDGE_WRITE_STALL_TIMEOUT")]
+    write_stall_timeout: Option<u64>,
     /// Benchmark mode: echo every TCP/WebSocket frame and UDP datagram back as it came, through
     /// the server's own event loops but without the protocol (the floor `scripts/bench.sh`
     /// compares against). Not a server: nobody can log in.
@@ -212,6 +220,8 @@ struct FileConfig {
     offline_store: Option<bool>,
     offline_max_per_user: Option<usize>,
     offline_max_age: Option<u64>,
+    max_send_buffer: Option<usize>,
+    write_stall_timeout: Option<u64>,
 }
 
 /// Turns transparent huge pages off for this process. mimalloc reserves its arena with
@@ -311,6 +321,13 @@ fn main() -> anyhow::Result<()> {
     if let Some(secs) = args.offline_max_age.or(file.offline_max_age) {
         config.offline_max_age = Duration::from_secs(secs);
     }
+    if let Some(n) = args.max_send_buffer.or(file.max_send_buffer) {
+        config.max_send_buffer = n;
+    }
+    config.write_stall_timeout = secs(
+        args.write_stall_timeout.or(file.write_stall_timeout),
+        config.write_stall_timeout,
+    );
     config.bench_echo = args.bench_echo;
     if config.bench_echo {
         tracing::warn!("benchmark echo mode: frames are echoed, the protocol is off");

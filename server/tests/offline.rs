@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use imedge_protocol::frame::tcp;
-use imedge_protocol::{Decoder, Kind, Message};
+use imedge_protocol::{Decoder, Kind, Message, UserId};
 use imedge_server::hooks::AllowAll;
 use support::*;
 
@@ -97,10 +97,13 @@ fn a_thousand_stored_messages_keep_their_order_and_partial_delivery_resumes() {
     let mut carol = server.connect(T::Ws);
     carol.login("carol");
     let first = drain(&mut carol, "carol", 300);
-    // Give the server time to take the ACKs before the socket goes: closing with unread data
-    // makes the kernel reset the connection, and a reset discards whatever the server has not
-    // read yet (those messages would then, correctly, come again).
-    std::thread::sleep(Duration::from_millis(300));
+    // Make sure the server took the ACKs before the socket goes: closing with unread data makes
+    // the kernel reset the connection, and a reset discards whatever the server has not read
+    // yet (those messages would then, correctly, come again). The server answers frames in
+    // order, so once the keep-alive's answer is here every ACK before it was handled; what
+    // arrives before it is left unACKed and comes again at the next login.
+    carol.send(&Message::keep_alive(UserId::new("carol")));
+    while carol.recv().kind != Kind::KeepAliveResponse {}
     drop(carol);
     // Second login: the rest, in order, none twice (the ACKed 300 were removed; anything sent
     // but not ACKed comes again).

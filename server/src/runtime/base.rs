@@ -18,10 +18,11 @@ use imedge_protocol::frame::udp;
 use imedge_protocol::Message;
 use slab::Slab;
 
-use super::conn::{ConnState, Next};
+use super::conn::{ConnState, ConnStats, Next};
 use super::mesh::{Mail, Mesh, Migrant, Outgoing};
 use super::Limits;
 use crate::shard::{Adopt, ConnId, CoreId, Endpoint, Now, Outbox, Shard, ShardMsg};
+use crate::timer::{TimerKey, TimerWheel};
 
 /// Mail taken from the inbox per loop turn, so that one busy sender cannot starve the sockets.
 /// What is left is taken on the next turn without waiting.
@@ -48,6 +49,18 @@ pub struct Conn<S> {
     pub generation: u32,
     /// Set by the shard: move to this core after the current message.
     pub migrate: Option<(CoreId, Adopt)>,
+    /// Output has been waiting since then with no byte written (`None`: nothing waits): the
+    /// write-stall clock.
+    write_since: Option<Instant>,
+    /// The write-stall check in the loop's wheel.
+    write_timer: Option<TimerKey>,
+}
+
+/// Why the loop set a timer on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnTimer {
+    /// Check whether output has waited `--write-stall-timeout` without progress.
+    Write,
 }
 
 /// The backend-independent state of one core's loop.
@@ -70,6 +83,11 @@ pub struct Base<S> {
     udp_tx: BytesMut,
     /// Connections with output to write or a close to carry out (may repeat).
     pub dirty: Vec<usize>,
+    /// The connections' own deadlines (write stalls), keyed by slab index and generation: a
+    /// wheel beside the shard's, so that the transport's timers stay out of the sessions'.
+    timers: TimerWheel<(usize, u32, ConnTimer)>,
+    /// The limits this core's connections hit.
+    pub stats: ConnStats,
     next_generation: u32,
     /// Accepting is paused until then: the process ran out of file descriptors.
     pub accept_paused_until: Option<Instant>,
@@ -118,6 +136,9 @@ struct Io<'a, S> {
     udp_tx: &'a mut BytesMut,
     dirty: &'a mut Vec<usize>,
     outgoing: &'a mut Outgoing,
+    /// `--max-send-buffer`.
+    max_send: usize,
+    stats: &'a mut ConnStats,
 }
 
 impl<S> Io<'_, S> {
@@ -131,6 +152,23 @@ impl<S> Io<'_, S> {
 
     fn send_datagram(&self, bytes: &[u8], to: SocketAddr) {
         send_datagram(self.udp, bytes, to);
+    }
+
+    /// Queues output on a connection (by `queue`), disconnecting a slow consumer whose unsent
+    /// output passes its budget: its messages waiting for an ACK take the lost path (stored for
+    /// its next login), rather than the server buffering without bound.
+    fn queue(&mut self, id: ConnId, queue: impl FnOnce(&mut ConnState)) {
+        let max_send = self.max_send;
+        let Some((index, conn)) = self.conn(id) else {
+            return;
+        };
+        queue(&mut conn.state);
+        if !conn.state.aborted && conn.state.unsent() > max_send {
+            tracing::debug!(peer = %conn.state.peer, "slow consumer: closing");
+            conn.state.abort();
+            self.stats.send_overflows += 1;
+        }
+        self.dirty.push(index);
     }
 }
 
@@ -146,12 +184,7 @@ fn send_datagram(udp: Option<&UdpSocket>, bytes: &[u8], to: SocketAddr) {
 impl<S> Outbox for Io<'_, S> {
     fn send(&mut self, to: Endpoint, msg: &Message<'_>) {
         match to {
-            Endpoint::Conn(id) => {
-                if let Some((index, conn)) = self.conn(id) {
-                    conn.state.queue(msg);
-                    self.dirty.push(index);
-                }
-            }
+            Endpoint::Conn(id) => self.queue(id, |state| state.queue(msg)),
             Endpoint::Udp(addr) => {
                 udp::encode(msg, self.udp_tx);
                 self.send_datagram(self.udp_tx, addr);
@@ -162,12 +195,7 @@ impl<S> Outbox for Io<'_, S> {
 
     fn send_json(&mut self, to: Endpoint, json: &Bytes) {
         match to {
-            Endpoint::Conn(id) => {
-                if let Some((index, conn)) = self.conn(id) {
-                    conn.state.queue_json(json);
-                    self.dirty.push(index);
-                }
-            }
+            Endpoint::Conn(id) => self.queue(id, |state| state.queue_json(json)),
             Endpoint::Udp(addr) => self.send_datagram(json, addr),
         }
     }
@@ -210,6 +238,8 @@ impl<S> Base<S> {
             limits,
             udp_tx: BytesMut::new(),
             dirty: Vec::new(),
+            timers: TimerWheel::new(Instant::now()),
+            stats: ConnStats::default(),
             next_generation: 0,
             accept_paused_until: None,
             more: false,
@@ -226,12 +256,16 @@ impl<S> Base<S> {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
-        [self.shard.poll_timeout(), self.accept_paused_until]
-            .into_iter()
-            .flatten()
-            .min()
-            // Round up so a timer is never polled a hair early and spun on.
-            .map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
+        [
+            self.shard.poll_timeout(),
+            self.timers.next_expiry(),
+            self.accept_paused_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        // Round up so a timer is never polled a hair early and spun on.
+        .map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
     }
 
     /// Whether an accept pause ends at `now` (and clears it).
@@ -254,6 +288,8 @@ impl<S> Base<S> {
             udp_tx: &mut self.udp_tx,
             dirty: &mut self.dirty,
             outgoing: &mut self.outgoing,
+            max_send: self.limits.max_send_buffer,
+            stats: &mut self.stats,
         };
         f(&mut self.shard, &mut io)
     }
@@ -266,6 +302,8 @@ impl<S> Base<S> {
             state,
             generation,
             migrate: None,
+            write_since: None,
+            write_timer: None,
         });
         (index, conn_id(index, generation))
     }
@@ -296,6 +334,12 @@ impl<S> Base<S> {
             let conn = self.conns.get_mut(index)?;
             if let Some(migrate) = conn.migrate.take() {
                 return Some(migrate);
+            }
+            if conn.state.closing {
+                // A closing connection reads no more: what it received is dropped.
+                conn.state.rx.clear();
+                self.dirty.push(index);
+                return None;
             }
             let id = conn_id(index, conn.generation);
             match conn.state.next(self.limits.tcp_max_body) {
@@ -362,19 +406,98 @@ impl<S> Base<S> {
             let id = conn_id(index, conn.generation);
             self.with_shard(|shard, io| shard.on_frame(now, id, body, io));
         }
-        let conn = self.conns.get_mut(index)?;
-        conn.state.rx.extend_from_slice(received);
+        if !self.absorb(index, received) {
+            return None;
+        }
         self.process(now, index)
+    }
+
+    /// Appends bytes received on connection `index` to its `rx` ([`ConnState::absorb`]: a
+    /// closing connection drops them). Returns `false` if that overflowed the receive bound and
+    /// aborted the connection (counted; the backend closes it at its flush).
+    pub fn absorb(&mut self, index: usize, received: &[u8]) -> bool {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return false;
+        };
+        if conn.state.absorb(received, self.limits.tcp_max_body) {
+            return true;
+        }
+        self.stats.receive_overflows += 1;
+        self.dirty.push(index);
+        false
+    }
+
+    /// The backend wrote to connection `index` (or handed it a send): `progressed` if any byte
+    /// went out, `pending` if output still waits. Keeps the write-stall clock: it starts when
+    /// output starts waiting and restarts at every progress.
+    pub fn wrote(&mut self, now: Now, index: usize, progressed: bool, pending: bool) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        if !pending {
+            conn.write_since = None;
+            return;
+        }
+        if progressed || conn.write_since.is_none() {
+            conn.write_since = Some(now.mono);
+        }
+        if conn.write_timer.is_none() {
+            let at = now.mono + self.limits.write_stall;
+            let key = self
+                .timers
+                .insert(at, (index, conn.generation, ConnTimer::Write));
+            conn.write_timer = Some(key);
+        }
+    }
+
+    /// A connection's timer is due.
+    fn conn_timer(&mut self, now: Now, index: usize, generation: u32, timer: ConnTimer) {
+        let Some(conn) = self
+            .conns
+            .get_mut(index)
+            .filter(|conn| conn.generation == generation)
+        else {
+            return;
+        };
+        match timer {
+            ConnTimer::Write => {
+                conn.write_timer = None;
+                let Some(since) = conn.write_since else {
+                    return;
+                };
+                let deadline = since + self.limits.write_stall;
+                if deadline > now.mono {
+                    // Progress since the timer was set: check again at the new deadline.
+                    let key = self.timers.insert(deadline, (index, generation, timer));
+                    conn.write_timer = Some(key);
+                    return;
+                }
+                tracing::debug!(peer = %conn.state.peer, "write stalled: closing");
+                conn.state.abort();
+                self.stats.write_stalls += 1;
+                self.dirty.push(index);
+            }
+        }
+    }
+
+    /// Forgets the loop's timers of a connection that leaves this core or closes.
+    fn cancel_timers(&mut self, conn: &Conn<S>) {
+        if let Some(key) = conn.write_timer {
+            self.timers.cancel(key);
+        }
     }
 
     /// Removes a connection that is leaving for another core (the shard already forgot it).
     pub fn take(&mut self, index: usize) -> Option<Conn<S>> {
-        self.conns.try_remove(index)
+        let conn = self.conns.try_remove(index)?;
+        self.cancel_timers(&conn);
+        Some(conn)
     }
 
     /// Removes a connection and tells the shard. Returns its socket for the backend to close.
     pub fn close(&mut self, now: Now, index: usize) -> Option<S> {
         let conn = self.conns.try_remove(index)?;
+        self.cancel_timers(&conn);
         let id = conn_id(index, conn.generation);
         self.with_shard(|shard, io| shard.on_closed(now, id, io));
         Some(conn.sock)
@@ -410,7 +533,7 @@ impl<S> Base<S> {
             match mail {
                 Mail::Shard(msg) => self.with_shard(|shard, io| shard.on_mail(now, msg, io)),
                 Mail::Adopt(migrant) => return Some(migrant),
-                Mail::Query(query) => super::answer(&self.shard, query),
+                Mail::Query(query) => super::answer(&self.shard, &self.stats, query),
                 Mail::Shutdown => {
                     // Messages still waiting for an ACK are kept for the recipients' next login.
                     self.shard.store_pending_for_shutdown(now);
@@ -426,8 +549,11 @@ impl<S> Base<S> {
         None
     }
 
-    /// Runs the shard's timers if one is due.
+    /// Runs the connections' and the shard's timers that are due.
     pub fn run_timers(&mut self, now: Now) {
+        while let Some((index, generation, timer)) = self.timers.poll(now.mono) {
+            self.conn_timer(now, index, generation, timer);
+        }
         if self.shard.poll_timeout().is_some_and(|at| at <= now.mono) {
             self.with_shard(|shard, io| shard.handle_timeout(now, io));
         }

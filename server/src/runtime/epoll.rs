@@ -241,13 +241,19 @@ impl EpollCore {
                 }
             };
             let received = self.scratch.get_mut(..n).unwrap_or_default();
-            if self.base.takes_in_place(index) {
-                if let Some((core, adopt)) = self.base.process_received(now, index, received) {
-                    self.migrate(index, core, adopt);
-                    return;
-                }
-            } else if let Some(conn) = self.base.conns.get_mut(index) {
-                conn.state.rx.extend_from_slice(received);
+            let migrate = if self.base.takes_in_place(index) {
+                self.base.process_received(now, index, received)
+            } else if self.base.absorb(index, received) {
+                // Cut before the next read, so that `rx` never holds more than a partial frame
+                // and one read.
+                self.base.process(now, index)
+            } else {
+                // Over the receive bound: aborted, closed at the flush.
+                return;
+            };
+            if let Some((core, adopt)) = migrate {
+                self.migrate(index, core, adopt);
+                return;
             }
         }
         self.process(now, index);
@@ -310,7 +316,11 @@ impl EpollCore {
             if conn.migrate.is_some() {
                 continue;
             }
-            let mut failed = false;
+            if conn.state.aborted {
+                self.close_now(now, index);
+                continue;
+            }
+            let (mut failed, mut progressed) = (false, false);
             while !conn.state.tx.is_empty() {
                 match conn.sock.write(&conn.state.tx) {
                     Ok(0) => {
@@ -318,6 +328,7 @@ impl EpollCore {
                         break;
                     }
                     Ok(n) => {
+                        progressed = true;
                         let _ = conn.state.tx.split_to(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -331,7 +342,9 @@ impl EpollCore {
             if failed || (conn.state.closing && conn.state.tx.is_empty()) {
                 self.close_now(now, index);
             } else {
+                let pending = !conn.state.tx.is_empty();
                 conn.state.release_empty_buffers();
+                self.base.wrote(now, index, progressed, pending);
             }
         }
     }

@@ -48,6 +48,10 @@ pub struct Limits {
     pub tcp_max_body: usize,
     /// Largest UDP datagram.
     pub udp_max_datagram: usize,
+    /// Most bytes a connection may leave unsent (`--max-send-buffer`).
+    pub max_send_buffer: usize,
+    /// A write making no progress this long closes its connection (`--write-stall-timeout`).
+    pub write_stall: std::time::Duration,
     /// Benchmark mode (`--bench-echo`): every frame (TCP, WebSocket) and datagram goes straight
     /// back to its sender instead of to the shard. The loops, buffers and writes are the server's
     /// own, so this measures their floor — the cost of the I/O without the protocol.
@@ -331,15 +335,17 @@ impl ControlApi {
 /// one loop turn; only a stopping server leaves a question unanswered).
 pub const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Answers a control-thread question on a core.
-fn answer(shard: &Shard, query: Query) {
+/// Answers a control-thread question on a core (`conn`: the loop's own counters).
+fn answer(shard: &Shard, conn: &conn::ConnStats, query: Query) {
     // A closed channel means the asker stopped waiting: nothing to do.
     match query {
         Query::IsOnline(uid, reply) => {
             let _ = reply.send(shard.is_online(&uid));
         }
         Query::Stats(reply) => {
-            let _ = reply.send((shard.stats(), shard.online_users()));
+            let mut stats = shard.stats();
+            stats.conn = *conn;
+            let _ = reply.send((stats, shard.online_users()));
         }
     }
 }
@@ -355,7 +361,8 @@ impl Stopper {
     }
 }
 
-fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A TCP listener; `user_timeout` becomes the accepted sockets' `TCP_USER_TIMEOUT`.
+fn bind_tcp(addr: SocketAddr, user_timeout: std::time::Duration) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -364,6 +371,13 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     // calls fewer per accepted connection.
     socket.set_tcp_nodelay(true)?;
     socket.set_keepalive(true)?;
+    // Bytes the peer does not acknowledge for `--write-stall-timeout` make the kernel drop the
+    // connection by itself (what the loop's write-stall check does for output it still holds);
+    // inherited by accepted sockets like the options above.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_user_timeout(Some(user_timeout))?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = user_timeout;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -492,14 +506,14 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         config.bind,
         config.tcp_port,
         cores,
-        (Type::STREAM, bind_tcp),
+        (Type::STREAM, |a| bind_tcp(a, config.write_stall_timeout)),
         TcpListener::local_addr,
     )?;
     let (ws, ws_addr) = bind_all(
         config.bind,
         config.ws_port,
         cores,
-        (Type::STREAM, bind_tcp),
+        (Type::STREAM, |a| bind_tcp(a, config.write_stall_timeout)),
         TcpListener::local_addr,
     )?;
     let (udp, udp_addr) = bind_all(
@@ -522,6 +536,8 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
     let limits = Limits {
         tcp_max_body: config.tcp_max_body,
         udp_max_datagram: config.udp_max_datagram,
+        max_send_buffer: config.max_send_buffer,
+        write_stall: config.write_stall_timeout,
         echo: config.bench_echo,
     };
     let cpus = if config.pin_threads {
@@ -610,13 +626,16 @@ mod tests {
 
     /// The accepted connections get the options SPEC §1.1 asks for from the listener.
     #[test]
-    fn accepted_connections_inherit_nodelay_and_keepalive() {
-        let listener = bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    fn accepted_connections_inherit_nodelay_keepalive_and_user_timeout() {
+        let stall = std::time::Duration::from_millis(7_500);
+        let listener = bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)), stall).unwrap();
         listener.set_nonblocking(false).unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap());
-        assert!(socket2::SockRef::from(&accepted).keepalive().unwrap());
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(accepted.keepalive().unwrap());
+        assert_eq!(accepted.tcp_user_timeout().unwrap(), Some(stall));
     }
 }

@@ -598,15 +598,6 @@ impl Sock {
             leaving: None,
         }
     }
-
-    /// Where received bytes go: the connection's input, the leaving connection's, or nowhere.
-    fn rx<'a>(&'a mut self, conns: &'a mut Slab<base::Conn<usize>>) -> Option<&'a mut BytesMut> {
-        match (self.conn, &mut self.leaving) {
-            (Some(index), _) => conns.get_mut(index).map(|conn| &mut conn.state.rx),
-            (None, Some(leaving)) => Some(&mut leaving.state.rx),
-            (None, None) => None,
-        }
-    }
 }
 
 /// Small things the kernel reads or writes while operations are pending, in one heap block that
@@ -1089,12 +1080,20 @@ impl UringCore {
                     // A connection with input already buffered, a WebSocket upgrading or
                     // reassembling a fragmented message, closing, or leaving: append.
                     None => {
-                        if let Some(rx) = self
-                            .socks
-                            .get_mut(key)
-                            .and_then(|sock| sock.rx(&mut self.base.conns))
-                        {
-                            rx.extend_from_slice(self.tcp_buffers.bytes(bid, len));
+                        let received = self.tcp_buffers.bytes(bid, len);
+                        match conn {
+                            Some(index) => {
+                                // Over the receive bound, it is aborted and closed at the flush.
+                                self.base.absorb(index, received);
+                            }
+                            None => {
+                                let max = self.base.limits.tcp_max_body;
+                                if let Some(leaving) =
+                                    self.socks.get_mut(key).and_then(|s| s.leaving.as_mut())
+                                {
+                                    leaving.state.absorb(received, max);
+                                }
+                            }
                         }
                     }
                 }
@@ -1146,14 +1145,19 @@ impl UringCore {
         match (sock.conn, &mut sock.leaving) {
             (Some(index), _) if failed => self.close_now(now, index),
             (Some(index), _) => {
+                let mut pending = false;
                 if let Some(conn) = self.base.conns.get_mut(index) {
+                    conn.state.in_flight = 0;
                     requeue(unsent, &mut conn.state.tx);
+                    pending = !conn.state.tx.is_empty();
                     conn.state.release_empty_buffers();
                 }
+                self.base.wrote(now, index, sent > 0, pending);
                 // Send the rest, or carry out a close that waited for this send.
                 self.base.dirty.push(index);
             }
             (None, Some(leaving)) => {
+                leaving.state.in_flight = 0;
                 requeue(unsent, &mut leaving.state.tx);
                 self.settle(key);
             }
@@ -1277,6 +1281,11 @@ impl UringCore {
             if conn.migrate.is_some() {
                 continue;
             }
+            if conn.state.aborted {
+                // Even with a send in flight: closing ends it.
+                self.close_now(now, index);
+                continue;
+            }
             let key = conn.sock;
             if self
                 .socks
@@ -1288,7 +1297,9 @@ impl UringCore {
             }
             if !conn.state.tx.is_empty() {
                 let bytes = conn.state.tx.split();
+                conn.state.in_flight = bytes.len();
                 self.send(key, bytes);
+                self.base.wrote(now, index, false, true);
             } else if conn.state.closing {
                 self.close_now(now, index);
             }

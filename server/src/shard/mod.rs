@@ -337,6 +337,8 @@ pub struct Stats {
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
+    /// The connection layer's limits hit on this core (filled in by the loop).
+    pub conn: crate::runtime::conn::ConnStats,
 }
 
 impl Stats {
@@ -357,6 +359,7 @@ impl Stats {
         self.dedup_evicted += other.dedup_evicted;
         self.qos_bytes += other.qos_bytes;
         self.ids_too_long += other.ids_too_long;
+        self.conn.merge(&other.conn);
     }
 }
 
@@ -407,6 +410,9 @@ pub struct Shard {
     encoded: BytesMut,
     /// Users whose stored messages are being delivered, a page at a time.
     drains: HashMap<UserId<'static>, offline::Drain>,
+    /// Stored messages delivered and acknowledged whose removal the store may not have
+    /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
+    removing: offline::Removing,
     stats: Stats,
 }
 
@@ -458,6 +464,7 @@ impl Shard {
             qos_timer: None,
             encoded: BytesMut::new(),
             drains: HashMap::new(),
+            removing: offline::Removing::default(),
             stats: Stats::default(),
         }
     }

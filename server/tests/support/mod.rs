@@ -302,6 +302,26 @@ impl Client {
         }
     }
 
+    /// Sends one message body framed for the transport, like [`Client::send_body`], waiting at
+    /// most [`WAIT`] for the socket to take it. Returns whether it was written in full (not:
+    /// the server closed the connection, or stopped reading).
+    pub fn try_send_body(&mut self, body: &[u8]) -> bool {
+        let mut out = BytesMut::new();
+        let stream = match &mut self.link {
+            Link::Tcp(stream, _) => {
+                tcp::encode_body(body, &mut out);
+                stream
+            }
+            Link::Ws(stream, ..) => {
+                ws::encode_text(body, Some([0x37, 0xfa, 0x21, 0x3d]), &mut out);
+                stream
+            }
+            Link::Udp(socket) => return socket.send(body).is_ok(),
+        };
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        stream.write_all(&out).is_ok()
+    }
+
     /// Half-closes a TCP or WebSocket connection (the client's FIN); nothing for UDP.
     pub fn shutdown_write(&mut self) {
         if let Link::Tcp(stream, _) | Link::Ws(stream, ..) = &mut self.link {
