@@ -291,12 +291,11 @@ impl Shard {
             if self.removing.contains(uid, stored.seq) {
                 continue;
             }
-            out.send_json(endpoint, &stored.json);
-            self.stats.delivered += 1;
             match stored.fp {
                 Some(fp) => {
                     let fp = Fingerprint::from(fp);
                     let key = self.qos_key(uid.as_str(), fp.as_str());
+                    let json = stored.json.clone();
                     let pending = Pending {
                         to: uid.clone(),
                         from: UserId::from(stored.from),
@@ -305,12 +304,21 @@ impl Shard {
                         seq: Some(stored.seq),
                     };
                     let heap = pending.heap_bytes();
-                    if self.resend.insert(now.mono, key, pending, heap).is_ok() {
-                        drain.in_flight += 1;
+                    if self.resend.insert(now.mono, key, pending, heap).is_err() {
+                        // Written only with a resend entry: it stays stored for a later drain.
+                        self.stats.qos_table_full += 1;
+                        continue;
                     }
+                    out.send_json(endpoint, &json);
+                    self.stats.delivered += 1;
+                    drain.in_flight += 1;
                 }
                 // Stored without QoS: nobody will ACK it; it was delivered best-effort.
-                None => unacked.push(stored.seq),
+                None => {
+                    out.send_json(endpoint, &stored.json);
+                    self.stats.delivered += 1;
+                    unacked.push(stored.seq);
+                }
             }
         }
         if !unacked.is_empty() {
