@@ -286,6 +286,7 @@ impl Shard {
         let seqs: Vec<u64> = page.iter().map(|stored| stored.seq).collect();
         self.removing.settle(uid, after, &seqs, drain.more);
         let mut unacked = Vec::new();
+        let mut table_full = false;
         for stored in page {
             drain.last_seq = drain.last_seq.max(stored.seq);
             if self.removing.contains(uid, stored.seq) {
@@ -307,6 +308,7 @@ impl Shard {
                     if self.resend.insert(now.mono, key, pending, heap).is_err() {
                         // Written only with a resend entry: it stays stored for a later drain.
                         self.stats.qos_table_full += 1;
+                        table_full = true;
                         continue;
                     }
                     out.send_json(endpoint, &json);
@@ -327,9 +329,10 @@ impl Shard {
         }
         if drain.in_flight > 0 {
             self.drains.insert(uid.clone(), drain);
-        } else if drain.more {
+        } else if drain.more && !table_full {
             // Nothing of this page waits for an ACK (it was all being removed, or sent without
-            // QoS): on to the next one.
+            // QoS): on to the next one. (Not when the resend table is full: the rest waits for
+            // a later drain.)
             self.page_into(now, uid, drain.last_seq, out);
         }
     }
