@@ -20,6 +20,7 @@ pub mod uring;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -327,6 +328,10 @@ impl ControlApi {
             total.0.merge(&stats);
             total.1 += online;
         }
+        let mesh = &self.0;
+        total.0.mail_refused = mesh.refused.load(Ordering::Relaxed);
+        total.0.mail_dropped = mesh.dropped.load(Ordering::Relaxed);
+        total.0.mail_backlog_peak = mesh.control_backlog_peak.load(Ordering::Relaxed);
         total
     }
 }

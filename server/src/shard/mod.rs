@@ -337,6 +337,14 @@ pub struct Stats {
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
+    /// Mail between cores refused because the target's inbox and the sender's overflow were
+    /// full (relays unacknowledged, datagrams and UDP logins lost); server-wide, filled in by
+    /// the control API.
+    pub mail_refused: u64,
+    /// Mail from outside the loops dropped after waiting for a full inbox; server-wide.
+    pub mail_dropped: u64,
+    /// The most mail any core held back for one target at once; server-wide.
+    pub mail_backlog_peak: u64,
     /// The connection layer's limits hit on this core (filled in by the loop).
     pub conn: crate::runtime::conn::ConnStats,
 }
