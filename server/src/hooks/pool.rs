@@ -1,0 +1,366 @@
+//! The hook worker pool: where [`ServerEvents::verify`] runs, off the event loops.
+//!
+//! A shard that needs a verify posts a [`VerifyJob`] with [`HookPool::verify`] and goes on with
+//! its other sessions; a worker runs the hook and mails the answer back to the shard's core as
+//! [`ShardMsg::Verified`] through the same post function the store's writer uses, so a verify
+//! that takes 200 ms (an HTTP call) delays no other session.
+//!
+//! * `threads` workers (`--hook-threads`, [`DEFAULT_HOOK_THREADS`]), each with its own bounded
+//!   queue of [`HOOK_QUEUE_CAPACITY`] jobs; a job goes to the worker chosen by a hash of its uid,
+//!   so one user's hook calls run in the order they were posted.
+//! * A full queue never blocks a loop: [`HookPool::verify`] hands the job back and the shard
+//!   refuses the login with [`VERIFY_UNAVAILABLE`] (counted in [`HookCounters::refused`]).
+//! * A hook that panics is caught: the login is refused with [`VERIFY_UNAVAILABLE`], the worker
+//!   goes on (counted in [`HookCounters::panics`]).
+//! * [`HookPool::shutdown`] is called after the cores stopped: the queued jobs run, then the
+//!   workers end and are joined.
+
+use std::hash::BuildHasher;
+use std::io;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use imedge_protocol::message::payload::LoginRequest;
+use imedge_protocol::session::Transport;
+
+use super::{ServerEvents, SessionInfo, VERIFY_UNAVAILABLE};
+use crate::shard::{CoreId, Post, ShardMsg};
+
+/// Default of `--hook-threads`: two workers keep one slow verify from holding up every other
+/// login while costing little on a small machine; a verifier that waits on the network wants
+/// more (each waiting call holds a worker).
+pub const DEFAULT_HOOK_THREADS: usize = 2;
+
+/// Jobs a worker's queue holds. A verify waits here while earlier ones run: 1,024 logins per
+/// worker is a login storm's worth of seconds for a 1 ms verifier, and past it a login is refused
+/// at once with [`VERIFY_UNAVAILABLE`] (the SDK retries) instead of waiting minutes. A job is
+/// ~150 bytes plus its login document (uid and token are bounded by the frame size).
+pub const HOOK_QUEUE_CAPACITY: usize = 1_024;
+
+/// A job was refused: its worker's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
+/// A login to verify, and where its answer goes.
+#[derive(Debug)]
+pub struct VerifyJob {
+    /// The core whose shard posted it (the answer is mailed there).
+    pub core: CoreId,
+    /// The shard's ticket for this verification, echoed in [`ShardMsg::Verified`].
+    pub ticket: u64,
+    /// The login document.
+    pub login: LoginRequest<'static>,
+    /// The session's transport.
+    pub transport: Transport,
+    /// The peer's address.
+    pub peer: SocketAddr,
+}
+
+enum Job {
+    Verify(VerifyJob),
+    /// Ends the worker once the jobs before it ran.
+    Stop,
+}
+
+/// The pool's counters, as read by [`HookPool::stats`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HookCounters {
+    /// Hook calls run by the workers.
+    pub calls: u64,
+    /// Verifies refused because their worker's queue was full.
+    pub refused: u64,
+    /// Notifications dropped because their worker's queue was full.
+    pub dropped: u64,
+    /// Hook calls that panicked.
+    pub panics: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    calls: AtomicU64,
+    refused: AtomicU64,
+    dropped: AtomicU64,
+    panics: AtomicU64,
+}
+
+/// Worker threads that run the hooks, shared by every shard of a server.
+pub struct HookPool {
+    queues: Vec<SyncSender<Job>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+    /// Fixed keys: the same uid always picks the same worker.
+    hasher: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
+}
+
+impl std::fmt::Debug for HookPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookPool")
+            .field("threads", &self.queues.len())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HookPool {
+    /// Starts `threads` workers (at least one) with queues of `capacity` jobs (at least one),
+    /// running `hooks` and answering through `post`.
+    ///
+    /// # Errors
+    /// A worker thread cannot be spawned.
+    pub fn new(
+        threads: usize,
+        capacity: usize,
+        hooks: Arc<dyn ServerEvents>,
+        post: Post,
+    ) -> io::Result<Self> {
+        let counters = Arc::new(Counters::default());
+        let mut queues = Vec::new();
+        let mut handles = Vec::new();
+        for n in 0..threads.max(1) {
+            let (tx, rx) = sync_channel(capacity.max(1));
+            let (hooks, post, counters) =
+                (Arc::clone(&hooks), Arc::clone(&post), Arc::clone(&counters));
+            let handle = std::thread::Builder::new()
+                .name(format!("imedge-hook-{n}"))
+                .spawn(move || work(&rx, &*hooks, &post, &counters))?;
+            queues.push(tx);
+            handles.push(handle);
+        }
+        Ok(Self {
+            queues,
+            threads: Mutex::new(handles),
+            counters,
+            hasher: std::hash::BuildHasherDefault::default(),
+        })
+    }
+
+    /// Posts a verify without waiting. A full queue refuses the job (counted): the caller
+    /// refuses the login with [`VERIFY_UNAVAILABLE`].
+    ///
+    /// # Errors
+    /// [`QueueFull`] when the uid's worker's queue is full (or the pool has shut down).
+    pub fn verify(&self, job: VerifyJob) -> Result<(), QueueFull> {
+        let uid = job.login.user_id.as_str();
+        let queue = self.queue_for(uid).ok_or(QueueFull)?;
+        queue.try_send(Job::Verify(job)).map_err(|_| {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            QueueFull
+        })
+    }
+
+    fn queue_for(&self, uid: &str) -> Option<&SyncSender<Job>> {
+        let n = self.queues.len() as u64;
+        // `hash % n` < n = queues.len(), a usize.
+        let index = usize::try_from(self.hasher.hash_one(uid) % n).ok()?;
+        self.queues.get(index)
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> HookCounters {
+        let c = &self.counters;
+        HookCounters {
+            calls: c.calls.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            panics: c.panics.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs what is queued, then ends and joins the workers. Call it after the cores stopped
+    /// (a verify answered to a stopped core is dropped by the post function). Idempotent.
+    pub fn shutdown(&self) {
+        let handles = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        if handles.is_empty() {
+            return;
+        }
+        for queue in &self.queues {
+            // Blocks while the queue is full: the worker is draining it.
+            let _ = queue.send(Job::Stop);
+        }
+        for handle in handles {
+            if handle.join().is_err() {
+                tracing::warn!("a hook worker panicked outside a hook");
+            }
+        }
+    }
+}
+
+impl Drop for HookPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A worker: runs the jobs of its queue until told to stop (or every sender is gone).
+fn work(rx: &Receiver<Job>, hooks: &dyn ServerEvents, post: &Post, counters: &Counters) {
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Verify(job) => {
+                counters.calls.fetch_add(1, Ordering::Relaxed);
+                let info = SessionInfo {
+                    uid: job.login.user_id.as_str(),
+                    transport: job.transport,
+                    peer: job.peer,
+                };
+                let code = match catch_unwind(AssertUnwindSafe(|| hooks.verify(&job.login, info))) {
+                    Ok(code) => code,
+                    Err(_) => {
+                        counters.panics.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            uid = job.login.user_id.as_str(),
+                            "verify hook panicked: login refused"
+                        );
+                        VERIFY_UNAVAILABLE
+                    }
+                };
+                post(
+                    job.core,
+                    ShardMsg::Verified {
+                        ticket: job.ticket,
+                        code,
+                    },
+                );
+            }
+            Job::Stop => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::sync::mpsc;
+    use std::sync::Barrier;
+    use std::time::Duration;
+
+    use imedge_protocol::UserId;
+
+    use super::*;
+
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    fn job(uid: &str, ticket: u64) -> VerifyJob {
+        VerifyJob {
+            core: 3,
+            ticket,
+            login: LoginRequest {
+                user_id: UserId::from(uid.to_owned()),
+                token: Some(Cow::Borrowed("t")),
+                extra: None,
+                first_login_time: 0,
+            },
+            transport: Transport::Tcp,
+            peer: "127.0.0.1:9".parse().unwrap(),
+        }
+    }
+
+    /// A verifier that refuses uid "bad" (2000), panics for "boom", and waits on `gate` for
+    /// "slow".
+    struct Test {
+        gate: Arc<Barrier>,
+    }
+
+    impl ServerEvents for Test {
+        fn verify(&self, login: &LoginRequest<'_>, _: SessionInfo<'_>) -> i32 {
+            match login.user_id.as_str() {
+                "bad" => 2000,
+                "boom" => panic!("verifier bug"),
+                "slow" => {
+                    self.gate.wait();
+                    0
+                }
+                _ => 0,
+            }
+        }
+    }
+
+    fn pool(
+        threads: usize,
+        capacity: usize,
+    ) -> (HookPool, Receiver<(CoreId, ShardMsg)>, Arc<Barrier>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let post: Post = Arc::new(move |core, msg| {
+            let _ = tx.lock().unwrap().send((core, msg));
+        });
+        let gate = Arc::new(Barrier::new(2));
+        let hooks = Arc::new(Test {
+            gate: Arc::clone(&gate),
+        });
+        (
+            HookPool::new(threads, capacity, hooks, post).unwrap(),
+            rx,
+            gate,
+        )
+    }
+
+    fn answer(rx: &Receiver<(CoreId, ShardMsg)>) -> (CoreId, u64, i32) {
+        match rx.recv_timeout(PATIENCE).unwrap() {
+            (core, ShardMsg::Verified { ticket, code }) => (core, ticket, code),
+            (_, other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_go_back_to_the_posting_core() {
+        let (pool, rx, _) = pool(2, 8);
+        pool.verify(job("alice", 1)).unwrap();
+        assert_eq!(answer(&rx), (3, 1, 0));
+        pool.verify(job("bad", 2)).unwrap();
+        assert_eq!(answer(&rx), (3, 2, 2000));
+        pool.shutdown();
+        assert_eq!(pool.stats().calls, 2);
+    }
+
+    #[test]
+    fn a_panicking_hook_refuses_and_the_worker_goes_on() {
+        let (pool, rx, _) = pool(1, 8);
+        pool.verify(job("boom", 1)).unwrap();
+        assert_eq!(answer(&rx), (3, 1, VERIFY_UNAVAILABLE));
+        pool.verify(job("alice", 2)).unwrap();
+        assert_eq!(answer(&rx), (3, 2, 0));
+        assert_eq!(pool.stats().panics, 1);
+    }
+
+    #[test]
+    fn a_full_queue_hands_the_job_back_and_counts_it() {
+        let (pool, rx, gate) = pool(1, 1);
+        // The worker takes "slow" and blocks; the next job fills the queue of one.
+        pool.verify(job("slow", 1)).unwrap();
+        let mut queued = 0;
+        let mut refused = None;
+        for ticket in 2..10 {
+            match pool.verify(job("alice", ticket)) {
+                Ok(()) => queued += 1,
+                Err(QueueFull) => {
+                    refused = Some(ticket);
+                    break;
+                }
+            }
+        }
+        // At most the slot the worker freed by taking "slow" and the queue's one slot.
+        assert!(queued <= 2, "queued {queued}");
+        assert!(refused.is_some());
+        assert_eq!(pool.stats().refused, 1);
+        gate.wait();
+        assert_eq!(answer(&rx).1, 1);
+        for _ in 0..queued {
+            assert_eq!(answer(&rx).2, 0);
+        }
+        pool.shutdown();
+    }
+
+    #[test]
+    fn one_users_jobs_keep_their_order() {
+        let (pool, rx, _) = pool(4, 64);
+        for ticket in 0..50 {
+            pool.verify(job("carol", ticket)).unwrap();
+        }
+        let tickets: Vec<u64> = (0..50).map(|_| answer(&rx).1).collect();
+        assert_eq!(tickets, (0..50).collect::<Vec<_>>());
+    }
+}
