@@ -12,6 +12,8 @@ use imedge_protocol::{Decoder, Kind};
 use super::*;
 use crate::hooks::{ServerEvents, TokenTable, Undelivered};
 
+mod verify;
+
 /// What an outbox was asked to do.
 #[derive(Debug)]
 enum Action {
