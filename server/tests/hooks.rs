@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use imedge_protocol::message::payload::LoginRequest;
 use imedge_protocol::{Decoder, Kind, Message, UserId};
-use imedge_server::hooks::{ServerEvents, SessionInfo, VERIFY_UNAVAILABLE};
+use imedge_server::hooks::{Interests, ServerEvents, SessionInfo, VERIFY_UNAVAILABLE};
 use support::*;
 
 /// How long a blocked verify waits for the test before giving up (bounds a failing test).
@@ -25,6 +25,10 @@ struct Gate {
 }
 
 impl ServerEvents for Gate {
+    fn interests(&self) -> Interests {
+        Interests::VERIFY
+    }
+
     fn verify(&self, login: &LoginRequest<'_>, _session: SessionInfo<'_>) -> i32 {
         match login.user_id.as_str() {
             "slow" => {

@@ -87,6 +87,22 @@ impl Interests {
     /// Every callback (the default: a hook that does not say is called for everything).
     pub const ALL: Self = Self((1 << 8) - 1);
 
+    /// What runs on the hook pool ([`pool::HookPool`]) when the server has one: verify and
+    /// the notifications. `C2S` and `C2C_BEFORE` decide a message's ACK and still run inline.
+    pub const POOLED: Self = Self(
+        Self::VERIFY.0
+            | Self::LOGIN.0
+            | Self::LOGOUT.0
+            | Self::C2C_AFTER.0
+            | Self::OFFLINE.0
+            | Self::S2C_OUTCOME.0,
+    );
+
+    /// Whether any bit of `other` is set.
+    pub const fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+
     /// Whether every bit of `other` is set.
     pub const fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0

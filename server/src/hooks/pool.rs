@@ -27,8 +27,11 @@ use std::thread::JoinHandle;
 use imedge_protocol::message::payload::LoginRequest;
 use imedge_protocol::session::Transport;
 
-use super::{ServerEvents, SessionInfo, VERIFY_UNAVAILABLE};
-use crate::shard::{CoreId, Post, ShardMsg};
+use bytes::Bytes;
+use imedge_protocol::{Fingerprint, UserId};
+
+use super::{Api, Command, ServerEvents, SessionInfo, Undelivered, VERIFY_UNAVAILABLE};
+use crate::shard::{shard_for, CoreId, Post, Presence, ShardMsg};
 
 /// Default of `--hook-threads`: two workers keep one slow verify from holding up every other
 /// login while costing little on a small machine; a verifier that waits on the network wants
@@ -60,8 +63,130 @@ pub struct VerifyJob {
     pub peer: SocketAddr,
 }
 
+/// A callback whose answer the shard does not wait for, run on the pool when it has one.
+#[derive(Debug)]
+pub enum Notice {
+    /// [`ServerEvents::on_login`]; what it asks through its [`Api`] is mailed to the users'
+    /// cores as [`ShardMsg::Command`].
+    Login {
+        /// The user.
+        uid: UserId<'static>,
+        /// The login's `extra`.
+        extra: Option<String>,
+        /// The session's transport.
+        transport: Transport,
+        /// The peer's address.
+        peer: SocketAddr,
+    },
+    /// [`ServerEvents::on_logout`].
+    Logout {
+        /// The user.
+        uid: UserId<'static>,
+        /// The session's transport.
+        transport: Transport,
+        /// The peer's address.
+        peer: SocketAddr,
+        /// Set when the session was kicked.
+        kickout_code: Option<i32>,
+    },
+    /// [`ServerEvents::on_c2c_after`].
+    C2cAfter {
+        /// Sender.
+        from: UserId<'static>,
+        /// Recipient.
+        to: UserId<'static>,
+        /// Fingerprint of a QoS message.
+        fp: Option<Fingerprint<'static>>,
+    },
+    /// [`ServerEvents::on_offline`] when its answer does not matter (the built-in store keeps
+    /// the message whatever it says).
+    Offline {
+        /// Sender.
+        from: UserId<'static>,
+        /// Recipient.
+        to: Option<UserId<'static>>,
+        /// Fingerprint of a QoS message.
+        fp: Option<Fingerprint<'static>>,
+        /// The message as it would have been sent.
+        json: Bytes,
+    },
+    /// [`ServerEvents::on_s2c_delivered`].
+    S2cDelivered {
+        /// Recipient.
+        to: UserId<'static>,
+        /// Fingerprint.
+        fp: Fingerprint<'static>,
+    },
+    /// [`ServerEvents::on_s2c_lost`].
+    S2cLost {
+        /// Recipient.
+        to: UserId<'static>,
+        /// Fingerprint.
+        fp: Fingerprint<'static>,
+        /// The message that was lost.
+        json: Bytes,
+    },
+}
+
+impl Notice {
+    /// The uid whose worker runs it (one user's notices keep their order).
+    fn uid(&self) -> &str {
+        match self {
+            Notice::Login { uid, .. } | Notice::Logout { uid, .. } => uid.as_str(),
+            Notice::C2cAfter { from, .. } | Notice::Offline { from, .. } => from.as_str(),
+            Notice::S2cDelivered { to, .. } | Notice::S2cLost { to, .. } => to.as_str(),
+        }
+    }
+
+    /// Calls the hook; what it asks through `api` is left there.
+    pub(crate) fn run(&self, hooks: &dyn ServerEvents, api: &mut Api) {
+        match self {
+            Notice::Login {
+                uid,
+                extra,
+                transport,
+                peer,
+            } => {
+                let info = SessionInfo {
+                    uid: uid.as_str(),
+                    transport: *transport,
+                    peer: *peer,
+                };
+                hooks.on_login(extra.as_deref(), info, api);
+            }
+            Notice::Logout {
+                uid,
+                transport,
+                peer,
+                kickout_code,
+            } => {
+                let info = SessionInfo {
+                    uid: uid.as_str(),
+                    transport: *transport,
+                    peer: *peer,
+                };
+                hooks.on_logout(info, *kickout_code);
+            }
+            Notice::C2cAfter { from, to, fp } => {
+                hooks.on_c2c_after(from.as_str(), to.as_str(), fp.as_ref().map(|f| f.as_str()));
+            }
+            Notice::Offline { from, to, fp, json } => {
+                let _ = hooks.on_offline(Undelivered {
+                    from: from.as_str(),
+                    to: to.as_ref().map(UserId::as_str),
+                    fp: fp.as_ref().map(|f| f.as_str()),
+                    json,
+                });
+            }
+            Notice::S2cDelivered { to, fp } => hooks.on_s2c_delivered(to.as_str(), fp.as_str()),
+            Notice::S2cLost { to, fp, json } => hooks.on_s2c_lost(to.as_str(), fp.as_str(), json),
+        }
+    }
+}
+
 enum Job {
     Verify(VerifyJob),
+    Notice(Notice),
     /// Ends the worker once the jobs before it ran.
     Stop,
 }
@@ -116,17 +241,23 @@ impl HookPool {
         capacity: usize,
         hooks: Arc<dyn ServerEvents>,
         post: Post,
+        presence: Arc<Presence>,
     ) -> io::Result<Self> {
         let counters = Arc::new(Counters::default());
         let mut queues = Vec::new();
         let mut handles = Vec::new();
         for n in 0..threads.max(1) {
             let (tx, rx) = sync_channel(capacity.max(1));
-            let (hooks, post, counters) =
-                (Arc::clone(&hooks), Arc::clone(&post), Arc::clone(&counters));
+            let worker = Worker {
+                hooks: Arc::clone(&hooks),
+                post: Arc::clone(&post),
+                counters: Arc::clone(&counters),
+                api: Api::new(Arc::clone(&presence)),
+                cores: presence.cores(),
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("imedge-hook-{n}"))
-                .spawn(move || work(&rx, &*hooks, &post, &counters))?;
+                .spawn(move || worker.work(&rx))?;
             queues.push(tx);
             handles.push(handle);
         }
@@ -150,6 +281,17 @@ impl HookPool {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             QueueFull
         })
+    }
+
+    /// Posts a notification without waiting; a full queue drops it (counted in
+    /// [`HookCounters::dropped`]): a notification never holds up a loop.
+    pub fn notify(&self, notice: Notice) {
+        let posted = self
+            .queue_for(notice.uid())
+            .is_some_and(|queue| queue.try_send(Job::Notice(notice)).is_ok());
+        if !posted {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn queue_for(&self, uid: &str) -> Option<&SyncSender<Job>> {
@@ -195,37 +337,68 @@ impl Drop for HookPool {
     }
 }
 
-/// A worker: runs the jobs of its queue until told to stop (or every sender is gone).
-fn work(rx: &Receiver<Job>, hooks: &dyn ServerEvents, post: &Post, counters: &Counters) {
-    while let Ok(job) = rx.recv() {
-        match job {
-            Job::Verify(job) => {
-                counters.calls.fetch_add(1, Ordering::Relaxed);
-                let info = SessionInfo {
-                    uid: job.login.user_id.as_str(),
-                    transport: job.transport,
-                    peer: job.peer,
-                };
-                let code = match catch_unwind(AssertUnwindSafe(|| hooks.verify(&job.login, info))) {
-                    Ok(code) => code,
-                    Err(_) => {
-                        counters.panics.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            uid = job.login.user_id.as_str(),
-                            "verify hook panicked: login refused"
-                        );
-                        VERIFY_UNAVAILABLE
-                    }
-                };
-                post(
-                    job.core,
-                    ShardMsg::Verified {
-                        ticket: job.ticket,
-                        code,
-                    },
-                );
+/// A worker's share of the pool.
+struct Worker {
+    hooks: Arc<dyn ServerEvents>,
+    post: Post,
+    counters: Arc<Counters>,
+    /// Lent to `on_login`, whose commands are mailed to the users' cores.
+    api: Api,
+    cores: usize,
+}
+
+impl Worker {
+    /// Runs the jobs of its queue until told to stop (or every sender is gone).
+    fn work(mut self, rx: &Receiver<Job>) {
+        while let Ok(job) = rx.recv() {
+            match job {
+                Job::Verify(job) => self.verify(&job),
+                Job::Notice(notice) => self.notice(&notice),
+                Job::Stop => break,
             }
-            Job::Stop => break,
+        }
+    }
+
+    fn verify(&self, job: &VerifyJob) {
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let info = SessionInfo {
+            uid: job.login.user_id.as_str(),
+            transport: job.transport,
+            peer: job.peer,
+        };
+        let hooks = &*self.hooks;
+        let code = match catch_unwind(AssertUnwindSafe(|| hooks.verify(&job.login, info))) {
+            Ok(code) => code,
+            Err(_) => {
+                self.counters.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    uid = job.login.user_id.as_str(),
+                    "verify hook panicked: login refused"
+                );
+                VERIFY_UNAVAILABLE
+            }
+        };
+        let answer = ShardMsg::Verified {
+            ticket: job.ticket,
+            code,
+        };
+        (self.post)(job.core, answer);
+    }
+
+    fn notice(&mut self, notice: &Notice) {
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let (hooks, api) = (&*self.hooks, &mut self.api);
+        if catch_unwind(AssertUnwindSafe(|| notice.run(hooks, api))).is_err() {
+            self.counters.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("hook panicked in a notification");
+        }
+        for command in self.api.commands.drain(..) {
+            let uid = match &command {
+                Command::Send { to, .. } => to,
+                Command::Kick { uid, .. } => uid,
+            };
+            let core = shard_for(uid.as_str(), self.cores);
+            (self.post)(core, ShardMsg::Command(command));
         }
     }
 }
@@ -292,7 +465,7 @@ mod tests {
             gate: Arc::clone(&gate),
         });
         (
-            HookPool::new(threads, capacity, hooks, post).unwrap(),
+            HookPool::new(threads, capacity, hooks, post, Arc::new(Presence::new(1))).unwrap(),
             rx,
             gate,
         )

@@ -551,19 +551,6 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
     }
     let mesh = Arc::new(Mesh::new(wakers));
     let offline = open_store(config, &mesh)?;
-    let hook_pool = if hooks.interests().contains(Interests::VERIFY) {
-        let mesh = Arc::clone(&mesh);
-        let post: Post = Arc::new(move |core, msg| mesh.post(core, Mail::Shard(msg)));
-        let pool = HookPool::new(
-            config.hook_threads,
-            config.hook_queue,
-            Arc::clone(&hooks),
-            post,
-        )?;
-        Some(Arc::new(pool))
-    } else {
-        None
-    };
     let limits = Limits {
         tcp_max_body: config.tcp_max_body,
         udp_max_datagram: config.udp_max_datagram,
@@ -578,6 +565,21 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
     };
 
     let presence = Arc::new(Presence::new(cores));
+    // Verifies and notifications run on the hook pool, if the hooks implement any.
+    let hook_pool = if hooks.interests().intersects(Interests::POOLED) {
+        let mesh = Arc::clone(&mesh);
+        let post: Post = Arc::new(move |core, msg| mesh.post(core, Mail::Shard(msg)));
+        let pool = HookPool::new(
+            config.hook_threads,
+            config.hook_queue,
+            Arc::clone(&hooks),
+            post,
+            Arc::clone(&presence),
+        )?;
+        Some(Arc::new(pool))
+    } else {
+        None
+    };
     // One secret for the QoS tables' keys per process, shared by every core.
     let qos_keys = imedge_protocol::qos::QosKeyHasher::random();
     let mut threads = Vec::with_capacity(cores);

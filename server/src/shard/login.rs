@@ -20,7 +20,7 @@ use imedge_protocol::session::Transport;
 use imedge_protocol::Message;
 
 use super::{shard_for, Adopt, Endpoint, Now, Outbox, Shard, ShardMsg, Timer};
-use crate::hooks::pool::VerifyJob;
+use crate::hooks::pool::{Notice, VerifyJob};
 use crate::hooks::{Interests, SessionInfo, VERIFY_UNAVAILABLE};
 
 /// Default of `ShardConfig::max_pending_verifies`: logins one core may have waiting for the hook
@@ -284,12 +284,12 @@ impl Shard {
         if self.online.get(&uid) == Some(&endpoint) {
             self.set_offline(uid.as_str());
             if self.interests.contains(Interests::LOGOUT) {
-                let info = SessionInfo {
-                    uid: uid.as_str(),
+                self.notify(Notice::Logout {
+                    uid,
                     transport,
                     peer,
-                };
-                self.hooks.on_logout(info, None);
+                    kickout_code: None,
+                });
             }
         }
     }
@@ -357,7 +357,15 @@ impl Shard {
         let reply = Message::login_response(uid.borrowed(), LoginResponse::ok(first_login_time));
         self.send(now, endpoint, reply, out);
 
-        if self.interests.contains(Interests::LOGIN) {
+        if let (true, Some(pool)) = (self.interests.contains(Interests::LOGIN), &self.hook_pool) {
+            // Its commands reach the users' cores as mail.
+            pool.notify(Notice::Login {
+                uid: uid.clone(),
+                extra: login.extra.as_deref().map(str::to_owned),
+                transport: info_transport,
+                peer: info_peer,
+            });
+        } else if self.interests.contains(Interests::LOGIN) {
             let mut api = self.api();
             self.hooks.on_login(
                 login.extra.as_deref(),

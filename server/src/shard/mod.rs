@@ -37,8 +37,8 @@ use imedge_protocol::qos::{
 use imedge_protocol::session::Transport;
 use imedge_protocol::{Decoder, Fingerprint, Kind, Message, UserId};
 
-use crate::hooks::pool::HookPool;
-use crate::hooks::{Api, Command, Interests, ServerEvents, SessionInfo};
+use crate::hooks::pool::{HookPool, Notice};
+use crate::hooks::{Api, Command, Interests, ServerEvents};
 use crate::timer::{TimerKey, TimerWheel};
 
 /// Room the relay encoding buffer wants before a message is encoded into it: a typical message
@@ -815,8 +815,11 @@ impl Shard {
                 QosEvent::Lost { item, .. } => {
                     self.stats.lost += 1;
                     if self.interests.contains(Interests::S2C_OUTCOME) {
-                        self.hooks
-                            .on_s2c_lost(item.to.as_str(), item.fp.as_str(), &item.json);
+                        self.notify(Notice::S2cLost {
+                            to: item.to.clone(),
+                            fp: item.fp.clone(),
+                            json: item.json.clone(),
+                        });
                     }
                     self.store_lost(now, &item, out);
                 }
@@ -896,15 +899,27 @@ impl Shard {
             if !self.interests.contains(Interests::LOGOUT) {
                 return;
             }
-            self.hooks.on_logout(
-                SessionInfo {
-                    uid: uid.as_str(),
-                    transport: session.transport,
-                    peer: session.peer,
-                },
-                session.kickout_code,
-            );
+            self.notify(Notice::Logout {
+                uid: uid.clone(),
+                transport: session.transport,
+                peer: session.peer,
+                kickout_code: session.kickout_code,
+            });
         }
+    }
+
+    /// Runs a notification hook: on the hook pool if the shard has one (a full queue drops it,
+    /// counted `hook_dropped`), else here. Only `on_login` asks anything through its `Api`, and
+    /// it runs inline through `register`'s own path.
+    fn notify(&mut self, notice: Notice) {
+        if let Some(pool) = &self.hook_pool {
+            pool.notify(notice);
+            return;
+        }
+        let mut api = self.api();
+        notice.run(&*self.hooks, &mut api);
+        api.commands.clear();
+        self.spare_api = Some(api);
     }
 
     /// Tells the core that receives `addr`'s datagrams to stop forwarding them here.
@@ -1052,7 +1067,10 @@ impl Shard {
         };
         if let Some(item) = self.resend.handle_ack(&self.qos_key(uid.as_str(), fp)) {
             if self.interests.contains(Interests::S2C_OUTCOME) {
-                self.hooks.on_s2c_delivered(uid.as_str(), fp);
+                self.notify(Notice::S2cDelivered {
+                    to: uid.clone(),
+                    fp: Fingerprint::from(fp.to_owned()),
+                });
             }
             self.stored_acked(now, &item, out);
         }

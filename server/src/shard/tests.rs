@@ -10,7 +10,7 @@ use imedge_protocol::message::payload::{LoginRequest, LoginResponse};
 use imedge_protocol::{Decoder, Kind};
 
 use super::*;
-use crate::hooks::{ServerEvents, TokenTable, Undelivered};
+use crate::hooks::{ServerEvents, SessionInfo, TokenTable, Undelivered};
 
 mod verify;
 

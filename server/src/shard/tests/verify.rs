@@ -16,6 +16,10 @@ struct Gated {
 }
 
 impl ServerEvents for Gated {
+    fn interests(&self) -> Interests {
+        Interests::VERIFY
+    }
+
     fn verify(&self, _login: &LoginRequest<'_>, _session: SessionInfo<'_>) -> i32 {
         // Bounded: a test that never answers gets VERIFY_UNAVAILABLE rather than a hang.
         self.codes
@@ -44,7 +48,16 @@ impl Pooled {
         let post: Post = Arc::new(move |core, msg| {
             let _ = tx.lock().unwrap().send((core, msg));
         });
-        let pool = Arc::new(HookPool::new(1, 16, Arc::clone(&hooks), post).unwrap());
+        let pool = Arc::new(
+            HookPool::new(
+                1,
+                16,
+                Arc::clone(&hooks),
+                post,
+                Arc::new(Presence::new(cores)),
+            )
+            .unwrap(),
+        );
         let mut w = World::with_config(cores, hooks, tune);
         w.shards = w
             .shards
@@ -219,7 +232,9 @@ fn hooks_that_do_not_verify_are_not_posted() {
         let _ = tx.lock().unwrap().send((core, msg));
     });
     let hooks: Arc<dyn ServerEvents> = Arc::new(crate::hooks::AllowAll);
-    let pool = Arc::new(HookPool::new(1, 4, Arc::clone(&hooks), post).unwrap());
+    let pool = Arc::new(
+        HookPool::new(1, 4, Arc::clone(&hooks), post, Arc::new(Presence::new(1))).unwrap(),
+    );
     let mut w = World::new(1, hooks);
     w.shards = w
         .shards
