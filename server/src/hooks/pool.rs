@@ -407,7 +407,6 @@ impl Worker {
 mod tests {
     use std::borrow::Cow;
     use std::sync::mpsc;
-    use std::sync::Barrier;
     use std::time::Duration;
 
     use imedge_protocol::UserId;
@@ -434,7 +433,8 @@ mod tests {
     /// A verifier that refuses uid "bad" (2000), panics for "boom", and waits on `gate` for
     /// "slow".
     struct Test {
-        gate: Arc<Barrier>,
+        entered: Mutex<mpsc::Sender<()>>,
+        open: Mutex<Receiver<()>>,
     }
 
     impl ServerEvents for Test {
@@ -443,32 +443,112 @@ mod tests {
                 "bad" => 2000,
                 "boom" => panic!("verifier bug"),
                 "slow" => {
-                    self.gate.wait();
+                    let _ = self.entered.lock().unwrap().send(());
+                    // Bounded: a failing test ends instead of hanging in the pool's shutdown.
+                    let _ = self.open.lock().unwrap().recv_timeout(PATIENCE);
                     0
                 }
                 _ => 0,
             }
         }
+
+        fn on_login(&self, _extra: Option<&str>, session: SessionInfo<'_>, api: &mut Api) {
+            api.send(session.uid, "welcome", 7, false);
+        }
+
+        fn on_logout(&self, session: SessionInfo<'_>, _kickout_code: Option<i32>) {
+            assert_ne!(session.uid, "boom", "logout hook bug");
+        }
     }
 
-    fn pool(
-        threads: usize,
-        capacity: usize,
-    ) -> (HookPool, Receiver<(CoreId, ShardMsg)>, Arc<Barrier>) {
+    fn logout(uid: &str) -> Notice {
+        Notice::Logout {
+            uid: UserId::from(uid.to_owned()),
+            transport: Transport::Udp,
+            peer: "127.0.0.1:9".parse().unwrap(),
+            kickout_code: None,
+        }
+    }
+
+    #[test]
+    fn on_login_commands_are_mailed_to_the_users_core() {
+        let (pool, rx, _) = pool(2, 8);
+        pool.notify(Notice::Login {
+            uid: UserId::from("alice".to_owned()),
+            extra: None,
+            transport: Transport::Tcp,
+            peer: "127.0.0.1:9".parse().unwrap(),
+        });
+        match rx.recv_timeout(PATIENCE).unwrap() {
+            (
+                0,
+                ShardMsg::Command(Command::Send {
+                    to,
+                    text,
+                    typeu,
+                    qos,
+                }),
+            ) => {
+                assert_eq!(
+                    (to.as_str(), text.as_str(), typeu, qos),
+                    ("alice", "welcome", 7, false)
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panicking_notification_is_counted_and_the_worker_goes_on() {
+        let (pool, rx, _) = pool(1, 8);
+        pool.notify(logout("boom"));
+        pool.verify(job("alice", 1)).unwrap();
+        assert_eq!(answer(&rx), (3, 1, 0));
+        let stats = pool.stats();
+        assert_eq!((stats.calls, stats.panics), (2, 1));
+    }
+
+    #[test]
+    fn a_full_queue_drops_notifications_and_counts_them() {
+        let (pool, rx, gate) = pool(1, 1);
+        pool.verify(job("slow", 1)).unwrap();
+        gate.entered.recv_timeout(PATIENCE).unwrap();
+        // The worker holds "slow": the queue's one slot fits one notice, the rest are dropped.
+        for _ in 0..4 {
+            pool.notify(logout("bob"));
+        }
+        let dropped = pool.stats().dropped;
+        assert_eq!(dropped, 3);
+        gate.open.send(()).unwrap();
+        assert_eq!(answer(&rx).1, 1);
+        pool.shutdown();
+        assert_eq!(pool.stats().calls + dropped, 5);
+    }
+
+    fn pool(threads: usize, capacity: usize) -> (HookPool, Receiver<(CoreId, ShardMsg)>, Gate) {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let post: Post = Arc::new(move |core, msg| {
             let _ = tx.lock().unwrap().send((core, msg));
         });
-        let gate = Arc::new(Barrier::new(2));
+        let (entered_tx, entered) = mpsc::channel();
+        let (open, open_rx) = mpsc::channel();
+        let gate = Gate { entered, open };
         let hooks = Arc::new(Test {
-            gate: Arc::clone(&gate),
+            entered: Mutex::new(entered_tx),
+            open: Mutex::new(open_rx),
         });
         (
             HookPool::new(threads, capacity, hooks, post, Arc::new(Presence::new(1))).unwrap(),
             rx,
             gate,
         )
+    }
+
+    /// The test's side of the "slow" verify: told when it started, opened by the test.
+    struct Gate {
+        entered: Receiver<()>,
+        open: mpsc::Sender<()>,
     }
 
     fn answer(rx: &Receiver<(CoreId, ShardMsg)>) -> (CoreId, u64, i32) {
@@ -504,6 +584,7 @@ mod tests {
         let (pool, rx, gate) = pool(1, 1);
         // The worker takes "slow" and blocks; the next job fills the queue of one.
         pool.verify(job("slow", 1)).unwrap();
+        gate.entered.recv_timeout(PATIENCE).unwrap();
         let mut queued = 0;
         let mut refused = None;
         for ticket in 2..10 {
@@ -515,11 +596,11 @@ mod tests {
                 }
             }
         }
-        // At most the slot the worker freed by taking "slow" and the queue's one slot.
-        assert!(queued <= 2, "queued {queued}");
+        // The worker holds "slow": the queue's one slot fits one job.
+        assert_eq!(queued, 1);
         assert!(refused.is_some());
         assert_eq!(pool.stats().refused, 1);
-        gate.wait();
+        gate.open.send(()).unwrap();
         assert_eq!(answer(&rx).1, 1);
         for _ in 0..queued {
             assert_eq!(answer(&rx).2, 0);
