@@ -2,15 +2,23 @@
 //! (SPEC §10) as one trait, plus the built-in verifiers.
 //!
 //! # Contract
-//! [`ServerEvents::verify`] runs on the hook worker pool ([`pool::HookPool`]), never on an event
-//! loop: the shard posts the login and goes on serving its other sessions, and the answer comes
-//! back to it as mail. A verify may therefore block (an HTTP call, a database lookup) — up to
-//! the shard's verify timeout, after which the login is refused with [`VERIFY_UNAVAILABLE`].
-//! The other callbacks still run on the core that owns the session, inside its event loop: they
-//! must not block (no disk or network I/O, no locks held for long); hand slow work to another
-//! thread through a channel. What a hook wants the server to do (send a message to a user, kick
-//! a session) goes through the [`Api`] it is given and is carried out right after the hook
-//! returns; [`Api::is_online`] answers at once.
+//! With the server's hook pool ([`pool::HookPool`], what [`crate::runtime::start`] sets up)
+//! [`ServerEvents::verify`] and the notifications — [`ServerEvents::on_login`],
+//! [`ServerEvents::on_logout`], [`ServerEvents::on_c2c_after`], [`ServerEvents::on_offline`]
+//! when the built-in store keeps the message anyway, [`ServerEvents::on_s2c_delivered`] and
+//! [`ServerEvents::on_s2c_lost`] — run on worker threads, never on an event loop: they may block
+//! (an HTTP call, a database lookup). The shard posts the login and goes on serving its other
+//! sessions; the verify's answer comes back to it as mail. A verify that cannot run (queue full,
+//! panic, no answer within the verify timeout) refuses the login with [`VERIFY_UNAVAILABLE`]; a
+//! notification the full queue cannot take is dropped and counted.
+//!
+//! [`ServerEvents::on_c2s_before`], [`ServerEvents::on_c2s`], [`ServerEvents::on_c2c_before`]
+//! and `on_offline` without the built-in store decide whether a message is ACKed: they still run
+//! on the core that owns the session, inside its event loop, and must not block (no disk or
+//! network I/O, no locks held for long); hand slow work to another thread through a channel. A
+//! shard built without a pool (an embedder's, the tests') runs every hook inline. What a hook
+//! wants the server to do (send a message to a user, kick a session) goes through the [`Api`] it
+//! is given and is carried out after the hook returns; [`Api::is_online`] answers at once.
 //!
 //! A hook says which callbacks it implements with [`ServerEvents::interests`]: the shard calls
 //! (or posts) only those, so [`AllowAll`] costs nothing on the message path and [`TokenTable`]

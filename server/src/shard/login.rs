@@ -8,6 +8,12 @@
 //!   (older `firstLoginTime`) gets its kickout and no `code: 0` response first.
 //! * S5 — a UDP session kicked by a duplicate login is logged out, not left authenticated.
 //!
+//! Verify is asynchronous when the shard has a hook pool: the login is posted with a ticket and
+//! the session waits (its other frames dropped, counted) until [`ShardMsg::Verified`] answers,
+//! the verify timeout refuses it, or the session ends (the late answer is then ignored). Every
+//! way the verify can fail refuses the login with
+//! [`VERIFY_UNAVAILABLE`](crate::hooks::VERIFY_UNAVAILABLE).
+//!
 //! Before verify, a login is refused (code [`ERROR_INVALID_MESSAGE`], counted) when its uid is
 //! longer than [`MAX_USER_ID_LEN`](imedge_protocol::message::MAX_USER_ID_LEN), or is `"0"`, the
 //! server's own id: a user "0" would receive the ACKs and C2S traffic meant for the server.
