@@ -18,6 +18,7 @@ use imedge_protocol::frame::udp;
 use imedge_protocol::Message;
 use slab::Slab;
 
+use super::admit::{Admission, Refusal, Ticket};
 use super::conn::{ConnState, ConnStats, Next};
 use super::mesh::{Mail, Mesh, Migrant, Outgoing};
 use super::Limits;
@@ -54,6 +55,11 @@ pub struct Conn<S> {
     write_since: Option<Instant>,
     /// The write-stall check in the loop's wheel.
     write_timer: Option<TimerKey>,
+    /// Its place among the connections not logged in (`None` once logged in, or if it came
+    /// logged in from another core).
+    ticket: Option<Ticket>,
+    /// The login deadline in the loop's wheel.
+    login_timer: Option<TimerKey>,
 }
 
 /// Why the loop set a timer on a connection.
@@ -61,6 +67,8 @@ pub struct Conn<S> {
 enum ConnTimer {
     /// Check whether output has waited `--write-stall-timeout` without progress.
     Write,
+    /// `--login-timeout` after the accept: close the connection unless it logged in.
+    Login,
 }
 
 /// The backend-independent state of one core's loop.
@@ -88,6 +96,8 @@ pub struct Base<S> {
     timers: TimerWheel<(usize, u32, ConnTimer)>,
     /// The limits this core's connections hit.
     pub stats: ConnStats,
+    /// Admission of new connections, shared by the cores.
+    admission: Arc<Admission>,
     next_generation: u32,
     /// Accepting is paused until then: the process ran out of file descriptors.
     pub accept_paused_until: Option<Instant>,
@@ -226,7 +236,7 @@ impl<S> Base<S> {
         shard: Shard,
         udp: Option<UdpSocket>,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> Self {
         Self {
             core,
@@ -240,6 +250,7 @@ impl<S> Base<S> {
             dirty: Vec::new(),
             timers: TimerWheel::new(Instant::now()),
             stats: ConnStats::default(),
+            admission,
             next_generation: 0,
             accept_paused_until: None,
             more: false,
@@ -294,6 +305,24 @@ impl<S> Base<S> {
         f(&mut self.shard, &mut io)
     }
 
+    /// Whether a connection from `peer`, just accepted, may stay: its ticket, or `None` (the
+    /// refusal counted) if the backend must close it at once.
+    pub fn admit(&mut self, now: Now, peer: SocketAddr) -> Option<Ticket> {
+        match self.admission.admit(peer.ip(), now.mono) {
+            Ok(ticket) => Some(ticket),
+            Err(refusal) => {
+                tracing::debug!(%peer, ?refusal, "connection refused");
+                let counter = match refusal {
+                    Refusal::Unauthenticated => &mut self.stats.refused_unauthenticated,
+                    Refusal::PerIp => &mut self.stats.refused_per_ip,
+                    Refusal::Rate => &mut self.stats.refused_rate,
+                };
+                *counter += 1;
+                None
+            }
+        }
+    }
+
     fn insert(&mut self, sock: S, state: ConnState) -> (usize, ConnId) {
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
@@ -304,16 +333,38 @@ impl<S> Base<S> {
             migrate: None,
             write_since: None,
             write_timer: None,
+            ticket: None,
+            login_timer: None,
         });
         (index, conn_id(index, generation))
     }
 
-    /// A connection accepted on this core: its session starts. Returns its index.
-    pub fn open(&mut self, now: Now, sock: S, state: ConnState) -> usize {
+    /// A connection accepted on this core and admitted ([`Base::admit`]): its session starts,
+    /// and its login deadline. Returns its index.
+    pub fn open(&mut self, now: Now, sock: S, state: ConnState, ticket: Ticket) -> usize {
         let (transport, peer) = (state.transport, state.peer);
         let (index, id) = self.insert(sock, state);
+        let at = now.mono + self.limits.login_timeout;
+        if let Some(conn) = self.conns.get_mut(index) {
+            conn.ticket = Some(ticket);
+            let timer = (index, conn.generation, ConnTimer::Login);
+            conn.login_timer = Some(self.timers.insert(at, timer));
+        }
         self.shard.on_open(now, id, transport, peer);
         index
+    }
+
+    /// Gives back the admission ticket of a connection that has logged in.
+    fn check_login(&mut self, index: usize) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        if conn.ticket.is_some() && self.shard.is_logged_in(conn_id(index, conn.generation)) {
+            conn.ticket = None;
+            if let Some(key) = conn.login_timer.take() {
+                self.timers.cancel(key);
+            }
+        }
     }
 
     /// A connection that migrated here with a verified login: the shard finishes the login.
@@ -330,6 +381,14 @@ impl<S> Base<S> {
     /// stopping if the connection closes or is to migrate. Returns the migration, which the
     /// backend carries out (the shard has already forgotten the connection).
     pub fn process(&mut self, now: Now, index: usize) -> Option<(CoreId, Adopt)> {
+        let migrate = self.process_rx(now, index);
+        if migrate.is_none() {
+            self.check_login(index);
+        }
+        migrate
+    }
+
+    fn process_rx(&mut self, now: Now, index: usize) -> Option<(CoreId, Adopt)> {
         loop {
             let conn = self.conns.get_mut(index)?;
             if let Some(migrate) = conn.migrate.take() {
@@ -477,12 +536,23 @@ impl<S> Base<S> {
                 self.stats.write_stalls += 1;
                 self.dirty.push(index);
             }
+            ConnTimer::Login => {
+                conn.login_timer = None;
+                if conn.ticket.is_none() || self.shard.is_logged_in(conn_id(index, generation)) {
+                    conn.ticket = None;
+                    return;
+                }
+                tracing::debug!(peer = %conn.state.peer, "not logged in in time: closing");
+                conn.state.abort();
+                self.stats.login_timeouts += 1;
+                self.dirty.push(index);
+            }
         }
     }
 
     /// Forgets the loop's timers of a connection that leaves this core or closes.
     fn cancel_timers(&mut self, conn: &Conn<S>) {
-        if let Some(key) = conn.write_timer {
+        for key in [conn.write_timer, conn.login_timer].into_iter().flatten() {
             self.timers.cancel(key);
         }
     }

@@ -2,6 +2,8 @@
 //! stops them.
 //!
 //! * [`conn`] — one connection's transport state (framing, WebSocket), backend-independent.
+//! * [`admit`] — admission of new connections (unauthenticated caps, per-address rate), shared
+//!   by the cores.
 //! * [`mesh`] — bounded lock-free inboxes between cores, with wake-ups.
 //! * `base` — the backend-independent half of a core's loop (shard, connections, inbox, timers).
 //! * [`epoll`] — the epoll backend (mio).
@@ -11,6 +13,7 @@
 //! Every core binds its own TCP, UDP and WebSocket socket on the same ports with `SO_REUSEPORT`;
 //! the kernel spreads connections and UDP clients over them.
 
+pub mod admit;
 mod base;
 pub mod conn;
 pub mod epoll;
@@ -51,6 +54,9 @@ pub struct Limits {
     pub max_send_buffer: usize,
     /// A write making no progress this long closes its connection (`--write-stall-timeout`).
     pub write_stall: std::time::Duration,
+    /// A connection not logged in this long after it was accepted is closed
+    /// (`--login-timeout`).
+    pub login_timeout: std::time::Duration,
     /// Benchmark mode (`--bench-echo`): every frame (TCP, WebSocket) and datagram goes straight
     /// back to its sender instead of to the shard. The loops, buffers and writes are the server's
     /// own, so this measures their floor — the cost of the I/O without the protocol.
@@ -184,7 +190,7 @@ impl Prepared {
         shard: Shard,
         listeners: Listeners,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<admit::Admission>),
         ready: mpsc::Sender<io::Result<()>>,
     ) -> io::Result<()> {
         fn report<C>(
@@ -207,13 +213,13 @@ impl Prepared {
         }
         match self {
             Prepared::Epoll(poll) => report(
-                epoll::EpollCore::new(core, poll, shard, listeners, mesh, limits),
+                epoll::EpollCore::new(core, poll, shard, listeners, mesh, (limits, admission)),
                 ready,
                 epoll::EpollCore::run,
             ),
             #[cfg(target_os = "linux")]
             Prepared::Uring(waker) => report(
-                uring::UringCore::new(core, shard, listeners, waker, mesh, limits),
+                uring::UringCore::new(core, shard, listeners, waker, mesh, (limits, admission)),
                 ready,
                 uring::UringCore::run,
             ),
@@ -537,6 +543,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         udp_max_datagram: config.udp_max_datagram,
         max_send_buffer: config.max_send_buffer,
         write_stall: config.write_stall_timeout,
+        login_timeout: config.login_timeout,
         echo: config.bench_echo,
     };
     let cpus = if config.pin_threads {
@@ -545,6 +552,15 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         Vec::new()
     };
 
+    let admission = Arc::new(admit::Admission::new(
+        admit::AdmitLimits {
+            max_unauthenticated: config.max_unauthenticated,
+            max_per_ip: config.max_conns_per_ip,
+            rate_per_ip: config.max_conn_rate_per_ip,
+            limit_loopback: config.limit_loopback,
+        },
+        Instant::now(),
+    ));
     let presence = Arc::new(Presence::new(cores));
     let mut threads = Vec::with_capacity(cores);
     let (ready, setups) = mpsc::channel();
@@ -562,6 +578,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         let mesh = Arc::clone(&mesh);
         let offline = offline.clone();
         let presence = Arc::clone(&presence);
+        let admission = Arc::clone(&admission);
         let cpu = cpus.get(core % cpus.len().max(1)).copied();
         let thread = std::thread::Builder::new()
             .name(format!("imedge-core-{core}"))
@@ -576,7 +593,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
                 if let Some(offline) = offline {
                     shard = shard.with_store(offline);
                 }
-                prepared.run(core_id, shard, listeners, mesh, limits, ready)
+                prepared.run(core_id, shard, listeners, mesh, (limits, admission), ready)
             })?;
         threads.push(thread);
     }

@@ -69,6 +69,7 @@ use io_uring::types::{BufRingEntry, CancelBuilder, Fd, RecvMsgOut, SubmitArgs, T
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 use slab::Slab;
 
+use super::admit::Admission;
 use super::base::{self, Base, ACCEPT_PAUSE, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant, Wake};
@@ -706,7 +707,7 @@ impl UringCore {
         listeners: Listeners,
         waker: Arc<EventFd>,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> io::Result<Self> {
         let ring = build_ring()?;
         let tcp_buffers = BufRing::new(TCP_GROUP, TCP_BUFFERS, TCP_BUFFER_SIZE)?;
@@ -725,7 +726,7 @@ impl UringCore {
             armed: false,
         };
         let mut core = Self {
-            base: Base::new(core, shard, listeners.udp, mesh, limits),
+            base: Base::new(core, shard, listeners.udp, mesh, (limits, admission)),
             ring,
             socks: Slab::new(),
             tcp: listeners.tcp.map(gateway),
@@ -1018,9 +1019,15 @@ impl UringCore {
         let Ok(peer) = stream.peer_addr() else {
             return;
         };
+        // Refused: closed at once (dropped).
+        let Some(ticket) = self.base.admit(now, peer) else {
+            return;
+        };
         // TCP_NODELAY and SO_KEEPALIVE come from the listener (`bind_tcp`).
         let key = self.socks.insert(Sock::new(stream));
-        let index = self.base.open(now, key, ConnState::new(transport, peer));
+        let index = self
+            .base
+            .open(now, key, ConnState::new(transport, peer), ticket);
         if let Some(sock) = self.socks.get_mut(key) {
             sock.conn = Some(index);
         }

@@ -407,6 +407,13 @@ impl Shard {
         self.online.contains_key(uid)
     }
 
+    /// Whether connection `conn` of this core has logged in (the loop's login deadline asks).
+    pub fn is_logged_in(&self, conn: ConnId) -> bool {
+        self.sessions
+            .get(&Endpoint::Conn(conn))
+            .is_some_and(|session| session.uid.is_some())
+    }
+
     /// A TCP or WebSocket connection was accepted on this core.
     pub fn on_open(&mut self, now: Now, conn: ConnId, transport: Transport, peer: SocketAddr) {
         self.add_session(now, Endpoint::Conn(conn), transport, peer);
