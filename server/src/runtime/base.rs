@@ -9,6 +9,7 @@
 //! over), [`Base::run_timers`], then writes the connections in [`Base::dirty`] and calls
 //! `outgoing.flush()`.
 
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -277,6 +278,18 @@ impl<S> Base<S> {
         .min()
         // Round up so a timer is never polled a hair early and spun on.
         .map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
+    }
+
+    /// Stops accepting for [`ACCEPT_PAUSE`] (counted): the process is out of descriptors, or
+    /// accepting failed in a way that may persist. Accepting again at once would spin on a
+    /// listener that stays readable (epoll) or an accept that fails at once (io_uring).
+    pub fn pause_accept(&mut self, now: Now, error: &io::Error) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        self.stats.accept_pauses += 1;
+        tracing::warn!(%error, pauses = self.stats.accept_pauses, "accept failed: pausing accept");
+        self.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
     }
 
     /// Whether an accept pause ends at `now` (and clears it).

@@ -343,6 +343,26 @@ mod tests {
     }
 
     #[test]
+    fn conn_stats_merge_into_the_shard_stats() {
+        let mut a = crate::shard::Stats::default();
+        a.conn.write_stalls = 1;
+        a.conn.refused_rate = 2;
+        let mut b = crate::shard::Stats::default();
+        b.conn.write_stalls = 3;
+        b.conn.accept_pauses = 4;
+        a.merge(&b);
+        assert_eq!(
+            a.conn,
+            ConnStats {
+                write_stalls: 4,
+                refused_rate: 2,
+                accept_pauses: 4,
+                ..ConnStats::default()
+            }
+        );
+    }
+
+    #[test]
     fn unsent_counts_a_send_in_flight() {
         let mut conn = tcp();
         conn.queue_json(b"{}");

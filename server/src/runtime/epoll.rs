@@ -18,7 +18,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::admit::{Admission, Ticket};
-use super::base::{self, Base, ACCEPT_PAUSE, EMFILE, ENFILE};
+use super::base::{self, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant};
 use super::{Limits, Listeners};
@@ -171,8 +171,7 @@ impl EpollCore {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) => {
-                    tracing::warn!(error = %e, "out of file descriptors: pausing accept");
-                    self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                    self.base.pause_accept(now, &e);
                     return;
                 }
                 Err(e)

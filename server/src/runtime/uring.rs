@@ -8,7 +8,7 @@
 //!
 //! * Each listener: one multishot accept (`AcceptMulti`), re-armed when it ends. When the
 //!   process runs out of descriptors (EMFILE/ENFILE) the accept ends and is left ended for
-//!   [`ACCEPT_PAUSE`], then re-armed: no retry loop in between.
+//!   [`base::ACCEPT_PAUSE`], then re-armed: no retry loop in between.
 //! * Each connection: one multishot receive (`RecvMulti`) into the TCP provided buffer ring,
 //!   re-armed when it ends (for instance with ENOBUFS when every buffer was taken), and at most
 //!   one `Send` in flight, of everything queued on the connection when it was issued; a partial
@@ -70,7 +70,7 @@ use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 use slab::Slab;
 
 use super::admit::Admission;
-use super::base::{self, Base, ACCEPT_PAUSE, EMFILE, ENFILE};
+use super::base::{self, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant, Wake};
 use super::{Limits, Listeners};
@@ -989,22 +989,16 @@ impl UringCore {
         }
         match -result {
             EMFILE | ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                tracing::warn!(
-                    error = %io::Error::from_raw_os_error(-result),
-                    "out of resources: pausing accept"
-                );
-                self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                self.base
+                    .pause_accept(now, &io::Error::from_raw_os_error(-result));
             }
             // The multishot accept ended on its own (success), was cancelled, or met a transient
             // error: accept again.
             ..=0 | libc::ECANCELED | libc::ECONNABORTED | libc::EINTR | libc::EAGAIN => {}
             _ => {
                 // Do not spin on an error that may persist: try again after a pause.
-                tracing::warn!(
-                    error = %io::Error::from_raw_os_error(-result),
-                    "accept failed: pausing accept"
-                );
-                self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                self.base
+                    .pause_accept(now, &io::Error::from_raw_os_error(-result));
             }
         }
         self.arm_accept(gate);
