@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// Most new connections per second from one source address, with a burst of
     /// `runtime::admit::RATE_BURST_SECONDS` of it (0: no limit).
     pub max_conn_rate_per_ip: u32,
+    /// Most replies per second (burst: 2 s of it) to one UDP source address that is not logged
+    /// in — error 301, echo — so that spoofed datagrams cannot aim the server at a victim
+    /// (SPEC S4; 0: no limit).
+    pub udp_unauth_reply_rate: u32,
     /// Apply the per-address limits to loopback peers too (off: this host's own clients —
     /// benchmarks, a local proxy — are exempt).
     pub limit_loopback: bool,
@@ -107,6 +111,7 @@ impl Default for ServerConfig {
             max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
             max_conns_per_ip: DEFAULT_MAX_CONNS_PER_IP,
             max_conn_rate_per_ip: DEFAULT_MAX_CONN_RATE_PER_IP,
+            udp_unauth_reply_rate: DEFAULT_UDP_UNAUTH_REPLY_RATE,
             limit_loopback: false,
             bench_echo: false,
         }
@@ -150,3 +155,8 @@ pub const DEFAULT_MAX_CONNS_PER_IP: u32 = 128;
 /// that). A NAT gateway's clients reconnect over the SDK's back-off of seconds; one host
 /// opening connections in a loop is held to this.
 pub const DEFAULT_MAX_CONN_RATE_PER_IP: u32 = 50;
+
+/// Default `--udp-unauth-reply-rate`: a UDP client that is not logged in needs one 301 to know it
+/// must log in again (SPEC §9), and sends a keep-alive every few seconds; 2 per second (burst 4)
+/// is plenty for it and bounds what a spoofer can aim at one victim address.
+pub const DEFAULT_UDP_UNAUTH_REPLY_RATE: u32 = 2;

@@ -175,6 +175,10 @@ struct Args {
     /// limit [default: 50].
     #[arg(long, env = "IMEDGE_MAX_CONN_RATE_PER_IP")]
     max_conn_rate_per_ip: Option<u32>,
+    /// Replies per second to one UDP source address that is not logged in (error 301, echo);
+    /// 0 = no limit [default: 2].
+    #[arg(long, env = "IMEDGE_UDP_UNAUTH_REPLY_RATE")]
+    udp_unauth_reply_rate: Option<u32>,
     /// Apply the per-address limits to loopback clients too [default: false].
     #[arg(long, env = "IMEDGE_LIMIT_LOOPBACK")]
     limit_loopback: Option<bool>,
@@ -214,6 +218,7 @@ struct FileConfig {
     max_unauthenticated: Option<usize>,
     max_conns_per_ip: Option<u32>,
     max_conn_rate_per_ip: Option<u32>,
+    udp_unauth_reply_rate: Option<u32>,
     limit_loopback: Option<bool>,
 }
 
@@ -315,6 +320,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.max_conn_rate_per_ip.or(file.max_conn_rate_per_ip) {
         config.max_conn_rate_per_ip = n;
+    }
+    if let Some(n) = args.udp_unauth_reply_rate.or(file.udp_unauth_reply_rate) {
+        config.udp_unauth_reply_rate = n;
     }
     config.limit_loopback = args.limit_loopback.or(file.limit_loopback).unwrap_or(false);
     config.bench_echo = args.bench_echo;

@@ -309,3 +309,62 @@ fn one_address_is_capped_in_waiting_connections_and_in_rate() {
     );
     assert_eq!(stats.conn.refused_per_ip + stats.conn.login_timeouts, 0);
 }
+
+/// SPEC S4: unauthenticated UDP traffic cannot make the server an amplifier. A datagram that is
+/// not a protocol message gets no reply; a 301 reflects nothing of the request and is sent only
+/// if at most `UDP_REPLY_MAX_RATIO` times the request (the Java UDP SDK's ~95-byte keep-alive
+/// still gets it); replies to one source are rate-limited (counted).
+#[test]
+fn unauthenticated_udp_is_not_amplified() {
+    use imedge_protocol::{Message, UserId};
+    let server = Server::with(
+        config(|c| {
+            c.udp_unauth_reply_rate = 2;
+            c.limit_loopback = true;
+        }),
+        Arc::new(AllowAll),
+    );
+    let mut c = server.connect(T::Udp);
+    // Not a protocol message: nothing.
+    c.send_body(b"hello");
+    c.send_body(br#"{"type":1"#);
+    c.expect_quiet();
+
+    // A keep-alive like the Java UDP SDK's: the 301 comes, no larger than 3x. One full of
+    // characters JSON escapes (the reference's reply was 9x larger): nothing of it comes back.
+    let ka = Message::keep_alive(UserId::from("u1234567"));
+    let request = ka.to_json();
+    assert!((80..=110).contains(&request.len()), "{}", request.len());
+    let escaped = Message::keep_alive(UserId::from("<".repeat(40))).to_json();
+    for sent in [&request, &escaped] {
+        c.send_body(sent);
+        let support::RecvBody::Body(reply) = c.recv_body_within(support::WAIT) else {
+            panic!("no 301");
+        };
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        assert!(reply.len() <= 3 * request.len(), "{} bytes", reply.len());
+        assert!(text.contains("301") && !text.contains("u1234567") && !text.contains("003c"));
+    }
+
+    // A tiny well-formed keep-alive: its 301 would be larger than 3x: none.
+    let tiny = br#"{"type":1,"from":"a"}"#;
+    c.send_body(tiny);
+    c.expect_quiet();
+    wait_for(&server, "too large counted", |s| {
+        s.conn.udp_replies_too_large > 0
+    });
+
+    // A flood from one source: a few replies, the rest counted.
+    for _ in 0..40 {
+        c.send_body(&request);
+    }
+    let mut replies = 0;
+    while let Recv::Message(_) = c.recv_within(support::QUIET) {
+        replies += 1;
+    }
+    assert!(replies < 40, "{replies}");
+    let stats = wait_for(&server, "limited counted", |s| {
+        s.conn.udp_replies_limited > 0
+    });
+    assert_eq!(replies + 2 + stats.conn.udp_replies_limited, 42);
+}

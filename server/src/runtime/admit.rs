@@ -38,6 +38,9 @@ pub struct AdmitLimits {
     pub max_per_ip: u32,
     /// `--max-conn-rate-per-ip`: new connections per second from one source address.
     pub rate_per_ip: u32,
+    /// `--udp-unauth-reply-rate`: replies per second to one UDP source address that is not
+    /// logged in (error 301, echo).
+    pub udp_unauth_reply_rate: u32,
     /// Apply the per-address limits to loopback peers too (`--limit-loopback`). Off by default:
     /// a loopback peer is this host — a benchmark, or a local proxy whose clients all share its
     /// address.
@@ -61,8 +64,19 @@ pub struct Admission {
     limits: AdmitLimits,
     unauthenticated: AtomicUsize,
     per_ip: Box<[AtomicU32]>,
-    buckets: Box<[AtomicU64]>,
+    /// New connections per address.
+    connect_rate: RateTable,
+    /// Replies to UDP sources that are not logged in, per address (SPEC S4).
+    udp_replies: RateTable,
     key: std::collections::hash_map::RandomState,
+}
+
+/// Token buckets per address slot, as atomics: `rate` per second with a burst of
+/// [`RATE_BURST_SECONDS`] of it. A bucket records what was spent, so a fresh one is full.
+#[derive(Debug)]
+struct RateTable {
+    rate: u64,
+    buckets: Box<[AtomicU64]>,
     origin: Instant,
 }
 
@@ -93,10 +107,21 @@ impl Admission {
             limits,
             unauthenticated: AtomicUsize::new(0),
             per_ip: (0..IP_SLOTS).map(|_| AtomicU32::new(0)).collect(),
-            buckets: (0..IP_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            connect_rate: RateTable::new(limits.rate_per_ip, origin),
+            udp_replies: RateTable::new(limits.udp_unauth_reply_rate, origin),
             key: std::collections::hash_map::RandomState::new(),
-            origin,
         }
+    }
+
+    /// Whether the per-address limits apply to `ip`.
+    fn limits_ip(&self, ip: IpAddr) -> bool {
+        self.limits.limit_loopback || !ip.to_canonical().is_loopback()
+    }
+
+    /// Whether a reply may go to `ip`, a UDP source that is not logged in, at `now` (takes one
+    /// token of its bucket).
+    pub fn udp_reply(&self, ip: IpAddr, now: Instant) -> bool {
+        !self.limits_ip(ip) || self.udp_replies.take(self.slot(ip), now)
     }
 
     /// Connections admitted and not yet logged in or closed, over all cores.
@@ -111,10 +136,9 @@ impl Admission {
 
     /// Admits a connection from `ip` at `now`, or says why not.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Ticket, Refusal> {
-        let per_ip = self.limits.limit_loopback || !ip.to_canonical().is_loopback();
-        let slot = per_ip.then(|| self.slot(ip));
+        let slot = self.limits_ip(ip).then(|| self.slot(ip));
         if let Some(slot) = slot {
-            if !self.take_token(slot, now) {
+            if !self.connect_rate.take(slot, now) {
                 return Err(Refusal::Rate);
             }
         }
@@ -138,11 +162,21 @@ impl Admission {
         }
         Ok(ticket)
     }
+}
 
-    /// Takes one connection's token from the bucket of `slot` (refilled at the rate, up to
-    /// [`RATE_BURST_SECONDS`] of it). The bucket records what was spent, so a fresh one is full.
-    fn take_token(&self, slot: usize, now: Instant) -> bool {
-        let rate = u64::from(self.limits.rate_per_ip);
+impl RateTable {
+    fn new(rate: u32, origin: Instant) -> Self {
+        Self {
+            rate: u64::from(rate),
+            buckets: (0..IP_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            origin,
+        }
+    }
+
+    /// Takes one token from the bucket of `slot`, refilled at the rate up to the burst; `false`
+    /// if it is empty. A rate of 0 is no limit.
+    fn take(&self, slot: usize, now: Instant) -> bool {
+        let rate = self.rate;
         let Some(bucket) = self.buckets.get(slot) else {
             return true;
         };
@@ -156,7 +190,7 @@ impl Admission {
         let mut current = bucket.load(Ordering::Relaxed);
         loop {
             let (last_ms, spent) = (current >> SPENT_BITS, current & ((1 << SPENT_BITS) - 1));
-            // `rate` connections per second is `rate` milli-connections per millisecond.
+            // `rate` per second is `rate` thousandths per millisecond.
             let refill = now_ms.saturating_sub(last_ms).saturating_mul(rate);
             let spent = spent.saturating_sub(refill);
             if spent + MILLI > burst {
@@ -189,6 +223,7 @@ mod tests {
         max_unauthenticated: 0,
         max_per_ip: 0,
         rate_per_ip: 0,
+        udp_unauth_reply_rate: 0,
         limit_loopback: true,
     };
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
@@ -259,5 +294,33 @@ mod tests {
         assert!(admit.admit(mapped, t).is_ok());
         let _kept = admit.admit(A, t).unwrap();
         assert_eq!(admit.admit(A, t).unwrap_err(), Refusal::PerIp);
+    }
+}
+
+#[cfg(test)]
+mod udp_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn udp_replies_to_one_source_are_rate_limited() {
+        let t = Instant::now();
+        let admit = Admission::new(
+            AdmitLimits {
+                max_unauthenticated: 0,
+                max_per_ip: 0,
+                rate_per_ip: 0,
+                udp_unauth_reply_rate: 2,
+                limit_loopback: false,
+            },
+            t,
+        );
+        let victim = IpAddr::from([198, 51, 100, 7]);
+        let allowed = (0..100).filter(|_| admit.udp_reply(victim, t)).count();
+        assert_eq!(allowed, 2 * RATE_BURST_SECONDS as usize);
+        assert!(admit.udp_reply(victim, t + std::time::Duration::from_millis(500)));
+        // Loopback is exempt unless asked.
+        assert!((0..100).all(|_| admit.udp_reply(IpAddr::from([127, 0, 0, 1]), t)));
     }
 }

@@ -35,6 +35,13 @@ pub const MAIL_PER_TURN: usize = 4096;
 /// once connections close.
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// A reply to a UDP source that is not logged in is at most this many times the size of the
+/// request (SPEC S4): a spoofed datagram must not make the server send a victim more than it
+/// was sent. The reference's 301 to a keep-alive is ~3× (98 → 297 bytes, the request reflected);
+/// imedge's 301 reflects nothing (~110 bytes), so the Java UDP SDK's ~95-byte keep-alive still
+/// gets the 301 it needs to log in again, while a 10-byte datagram gets none.
+pub const UDP_REPLY_MAX_RATIO: usize = 3;
+
 /// `EMFILE`: this process has no free file descriptor.
 pub const EMFILE: i32 = 24;
 /// `ENFILE`: the system has no free file descriptor.
@@ -150,6 +157,7 @@ struct Io<'a, S> {
     /// `--max-send-buffer`.
     max_send: usize,
     stats: &'a mut ConnStats,
+    admission: &'a Admission,
 }
 
 impl<S> Io<'_, S> {
@@ -209,6 +217,18 @@ impl<S> Outbox for Io<'_, S> {
             Endpoint::Conn(id) => self.queue(id, |state| state.queue_json(json)),
             Endpoint::Udp(addr) => self.send_datagram(json, addr),
         }
+    }
+
+    fn send_unauthenticated(&mut self, to: SocketAddr, msg: &Message<'_>, request_len: usize) {
+        udp::encode(msg, self.udp_tx);
+        if self.udp_tx.len() > request_len.saturating_mul(UDP_REPLY_MAX_RATIO) {
+            self.stats.udp_replies_too_large += 1;
+        } else if !self.admission.udp_reply(to.ip(), Instant::now()) {
+            self.stats.udp_replies_limited += 1;
+        } else {
+            self.send_datagram(self.udp_tx, to);
+        }
+        self.udp_tx.clear();
     }
 
     fn close(&mut self, id: ConnId) {
@@ -314,6 +334,7 @@ impl<S> Base<S> {
             outgoing: &mut self.outgoing,
             max_send: self.limits.max_send_buffer,
             stats: &mut self.stats,
+            admission: &self.admission,
         };
         f(&mut self.shard, &mut io)
     }

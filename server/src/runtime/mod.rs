@@ -557,6 +557,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
             max_unauthenticated: config.max_unauthenticated,
             max_per_ip: config.max_conns_per_ip,
             rate_per_ip: config.max_conn_rate_per_ip,
+            udp_unauth_reply_rate: config.udp_unauth_reply_rate,
             limit_loopback: config.limit_loopback,
         },
         Instant::now(),
