@@ -208,3 +208,61 @@ fn running_out_of_descriptors_pauses_accepting() {
     server.kill();
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// Killed with SIGKILL in the middle of traffic and restarted at once on the same ports, the
+/// server waits for the dead run's sockets to close (logged) instead of exiting "already in
+/// use", and serves.
+#[test]
+fn a_restart_right_after_kill_9_serves() {
+    let port = free_port();
+    let data = std::env::temp_dir().join(format!("imedge-crash-{}-{}", std::process::id(), io()));
+    let mut first = Imedge::spawn(port, &data, None);
+    assert!(first.wait_for_line("TCP gateway listening"));
+
+    // Traffic in flight: logged-in clients sending each other QoS messages, never reading (a
+    // process with much to tear down takes longer to exit, and its sockets with it).
+    const CLIENTS: usize = 100;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut clients: Vec<TcpStream> = (0..CLIENTS)
+                .filter_map(|i| logged_in(port, &format!("s{i}")).ok())
+                .collect();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, client) in clients.iter_mut().enumerate() {
+                    let body = format!(
+                        r#"{{"bridge":false,"type":2,"dataContent":"{}","from":"s{i}","to":"s{}","fp":"f{n}","QoS":true,"typeu":-1,"sm":-1}}"#,
+                        "x".repeat(3000),
+                        (i + 1) % CLIENTS
+                    );
+                    let mut frame = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+                    frame.extend_from_slice(body.as_bytes());
+                    let _ = client.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = client.write_all(&frame);
+                    n += 1;
+                }
+            }
+        })
+    };
+    // Let messages flow for a moment.
+    std::thread::sleep(Duration::from_millis(1000));
+    // SIGKILL, and the restart at once, as a supervisor does (the dead one is reaped later).
+    first.child.kill().unwrap();
+    let mut second = Imedge::spawn(port, &data, None);
+    let served = second.wait_for_line("TCP gateway listening");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.join().unwrap();
+    assert!(served, "the restart did not start: {:?}", second.lines());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match logged_in(port, "after-crash") {
+            Ok(_) => break,
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    second.kill();
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -18,6 +18,7 @@ mod base;
 pub mod conn;
 pub mod epoll;
 pub mod mesh;
+pub mod orphan;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
@@ -418,7 +419,64 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// With port 0 the probe's port, which the kernel picked among ports nobody holds, is returned
 /// for the group to bind: a socket with `SO_REUSEPORT` asking for port 0 may be handed a port
 /// that another process's group already shares.
+///
+/// A port held only by orphaned sockets — those of a run killed a moment ago, which close once
+/// the process has exited and the kernel has torn its io_uring rings down ([`orphan`]) — is
+/// waited for, at most [`ORPHAN_WAIT`], with a log line; a port a live process holds is refused
+/// after [`HOLDER_GRACE`] (time for a process that is exiting to let go).
 fn claim(addr: SocketAddr, ty: Type) -> io::Result<u16> {
+    let start = Instant::now();
+    let proto = if ty == Type::STREAM {
+        orphan::Proto::Tcp
+    } else {
+        orphan::Proto::Udp
+    };
+    let mut logged = false;
+    loop {
+        let error = match claim_once(addr, ty) {
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse && addr.port() != 0 => error,
+            other => {
+                if logged {
+                    tracing::info!(%addr, waited_ms = start.elapsed().as_millis() as u64, "port free");
+                }
+                return other;
+            }
+        };
+        let waited = start.elapsed();
+        let holders = orphan::holders(proto, addr.port()).unwrap_or_default();
+        if waited >= ORPHAN_WAIT || (!holders.is_empty() && waited >= HOLDER_GRACE) {
+            let who = match holders.as_slice() {
+                [] => String::new(),
+                pids => format!(" by process {pids:?}"),
+            };
+            return Err(io::Error::new(error.kind(), format!("{error}{who}")));
+        }
+        if !logged && holders.is_empty() {
+            tracing::warn!(
+                %addr,
+                max_wait_ms = ORPHAN_WAIT.as_millis() as u64,
+                "port held by sockets no process owns (a crashed run's, closing): waiting"
+            );
+            logged = true;
+        }
+        std::thread::sleep(ORPHAN_POLL);
+    }
+}
+
+/// The longest start-up waits for a port held by orphaned sockets. The kernel closes them
+/// within a fraction of a second of the crashed process's exit (measured: ~0.1 s on Linux 6.18,
+/// io_uring or epoll); 10 s covers a loaded machine, and is still short next to a restart by a
+/// supervisor.
+pub const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long start-up waits for a port that a live process holds: one that is exiting may still
+/// show its sockets; one that is not is another server, refused after this.
+pub const HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often start-up looks at a held port again.
+const ORPHAN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn claim_once(addr: SocketAddr, ty: Type) -> io::Result<u16> {
     let protocol = if ty == Type::STREAM {
         Protocol::TCP
     } else {
