@@ -326,6 +326,20 @@ struct BufRing {
     owned: bool,
 }
 
+/// `struct io_uring_buf`, the kernel's layout of a provided buffer descriptor (the same as
+/// `io_uring`'s opaque [`BufRingEntry`]), so that each field can be written on its own: the
+/// `resv` of the first descriptor is the ring's tail, which must not be covered by a `&mut`.
+#[repr(C)]
+struct RawBufDescriptor {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    /// The ring's tail, in the first descriptor; never written through this struct.
+    resv: u16,
+}
+
+const _: () = assert!(size_of::<RawBufDescriptor>() == size_of::<BufRingEntry>());
+
 impl std::fmt::Debug for BufRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BufRing")
@@ -424,15 +438,25 @@ impl BufRing {
             return;
         }
         let slot = usize::from(self.tail & (self.count - 1));
-        // SAFETY: `slot < count`, so the descriptor lies inside the allocation. The kernel reads
-        // only the descriptors between its head and the published tail; this one is at the tail,
-        // so nothing else accesses it now (at most `count` buffers are ever described, so the
-        // tail never laps the head). For slot 0 the reference also spans the tail field, which
-        // only this thread writes, and not through this reference.
-        let descriptor = unsafe { &mut *self.descriptors.as_ptr().add(slot) };
-        descriptor.set_addr(self.buffers.as_ptr() as u64 + u64::from(bid) * self.size as u64);
-        descriptor.set_len(u32::try_from(self.size).unwrap_or(u32::MAX));
-        descriptor.set_bid(bid);
+        let addr = self.buffers.as_ptr() as u64 + u64::from(bid) * self.size as u64;
+        let len = u32::try_from(self.size).unwrap_or(u32::MAX);
+        // SAFETY: `slot < count`, so the descriptor lies inside the allocation, aligned (the
+        // ring is page-aligned and descriptors are 16 bytes). The kernel reads only the
+        // descriptors between its head and the published tail; this one is at the tail, so
+        // nothing else reads it now (at most `count` buffers are ever described, so the tail
+        // never laps the head). Its three fields are written through raw pointers, never through
+        // a `&mut` to the whole descriptor: the first descriptor's last field is the ring's
+        // tail, which the kernel reads concurrently.
+        unsafe {
+            let descriptor = self
+                .descriptors
+                .as_ptr()
+                .add(slot)
+                .cast::<RawBufDescriptor>();
+            std::ptr::addr_of_mut!((*descriptor).addr).write(addr);
+            std::ptr::addr_of_mut!((*descriptor).len).write(len);
+            std::ptr::addr_of_mut!((*descriptor).bid).write(bid);
+        }
         self.tail = self.tail.wrapping_add(1);
     }
 
