@@ -17,7 +17,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use super::base::{self, Base, ACCEPT_PAUSE, EMFILE, ENFILE};
+use super::admit::{Admission, Ticket};
+use super::base::{self, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant};
 use super::{Limits, Listeners};
@@ -69,7 +70,7 @@ impl EpollCore {
         shard: Shard,
         listeners: Listeners,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> io::Result<Self> {
         let registry = poll.registry();
         let mut tcp = listeners.tcp.map(TcpListener::from_std);
@@ -88,7 +89,7 @@ impl EpollCore {
             )?;
         }
         Ok(Self {
-            base: Base::new(core, shard, listeners.udp, mesh, limits),
+            base: Base::new(core, shard, listeners.udp, mesh, (limits, admission)),
             poll,
             tcp,
             ws,
@@ -160,13 +161,17 @@ impl EpollCore {
             };
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    // Refused: closed at once (dropped).
+                    let Some(ticket) = self.base.admit(now, peer) else {
+                        continue;
+                    };
                     // TCP_NODELAY and SO_KEEPALIVE come from the listener (`bind_tcp`).
-                    self.add_conn(now, stream, ConnState::new(transport, peer), None);
+                    let state = ConnState::new(transport, peer);
+                    self.add_conn(now, stream, state, Err(ticket));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) => {
-                    tracing::warn!(error = %e, "out of file descriptors: pausing accept");
-                    self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                    self.base.pause_accept(now, &e);
                     return;
                 }
                 Err(e)
@@ -180,13 +185,14 @@ impl EpollCore {
         }
     }
 
-    /// Registers a connection (accepted here, or migrated here with a login to finish).
+    /// Registers a connection: migrated here with a login to finish (`Ok`), or accepted here
+    /// and admitted (`Err`: its ticket).
     fn add_conn(
         &mut self,
         now: Now,
         mut stream: TcpStream,
         state: ConnState,
-        adopt: Option<Adopt>,
+        adopt: Result<Adopt, Ticket>,
     ) {
         let token = Token(self.base.conns.vacant_key());
         if let Err(error) = self.poll.registry().register(
@@ -198,10 +204,10 @@ impl EpollCore {
             return;
         }
         match adopt {
-            None => {
-                self.base.open(now, stream, state);
+            Err(ticket) => {
+                self.base.open(now, stream, state, ticket);
             }
-            Some(adopt) => {
+            Ok(adopt) => {
                 let index = self.base.adopt(now, stream, state, adopt);
                 // Bytes that arrived behind the login came along in the receive buffer.
                 self.process(now, index);
@@ -215,7 +221,7 @@ impl EpollCore {
             conn,
             adopt,
         } = migrant;
-        self.add_conn(now, TcpStream::from_std(stream), conn, Some(adopt));
+        self.add_conn(now, TcpStream::from_std(stream), conn, Ok(adopt));
     }
 
     /// Reads everything available on a connection, handing its complete messages to the shard:
