@@ -15,7 +15,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -155,6 +155,18 @@ pub struct Proxy {
 struct Shared {
     stop: AtomicBool,
     stats: Mutex<Stats>,
+    /// New faults for the loop to take at its next turn.
+    update: Mutex<Update>,
+    /// Signalled when the loop has taken an update (or ended).
+    updated: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Update {
+    /// Faults (to server, to client) not yet taken.
+    pending: Option<(Faults, Faults)>,
+    /// Updates taken so far.
+    applied: u64,
 }
 
 impl Proxy {
@@ -198,6 +210,32 @@ impl Proxy {
     /// The address clients must send to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Changes the faults of both directions (a partition and its healing, say). Returns once
+    /// the proxy's loop has taken them: every datagram read after that meets the new faults;
+    /// datagrams already delayed keep their fate.
+    pub fn set_faults(&self, to_server: Faults, to_client: Faults) {
+        let mut update = self
+            .shared
+            .update
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        update.pending = Some((to_server, to_client));
+        let target = update.applied + 1;
+        let _ = self.waker.wake();
+        while update.applied < target && !self.shared.stop.load(AtomicOrdering::SeqCst) {
+            // Bounded waits: a loop that ended on a poll error never signals.
+            update = self
+                .shared
+                .updated
+                .wait_timeout(update, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                return;
+            }
+        }
     }
 
     /// The counts so far (updated after every turn of the loop).
@@ -308,6 +346,7 @@ impl Loop {
                 // Nothing sensible to do but stop; the owner sees the counts stop moving.
                 Err(_) => break,
             }
+            self.take_update();
             for event in &events {
                 match event.token() {
                     CLIENTS => self.read_clients(),
@@ -327,6 +366,21 @@ impl Loop {
                 .stats
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = self.stats;
+        }
+    }
+
+    /// Applies new faults from [`Proxy::set_faults`], if any.
+    fn take_update(&mut self) {
+        let mut update = self
+            .shared
+            .update
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((to_server, to_client)) = update.pending.take() {
+            self.config.to_server = to_server;
+            self.config.to_client = to_client;
+            update.applied += 1;
+            self.shared.updated.notify_all();
         }
     }
 
