@@ -256,3 +256,35 @@ fn udp_clients_log_in_again_from_new_ports_after_a_partition() {
     assert_eq!(c.lost, 0, "{c:?}");
     assert_eq!(c.app_duplicated, 0, "{c:?}");
 }
+
+/// A link that delivers every datagram twice: the wire-level `duplicated` counts one extra copy
+/// of every message, `app_duplicated` none — the SDK's de-duplication hides them all.
+#[test]
+fn a_duplicating_link_shows_on_the_wire_not_in_the_application() {
+    let server = Server::start("twice", QosSenderConfig::SERVER);
+    let proxy = Proxy::start(ProxyConfig {
+        to_client: Faults {
+            duplicate: 1.0,
+            ..Faults::default()
+        },
+        ..ProxyConfig::new(server.udp)
+    })
+    .unwrap();
+    let report = run(
+        &proxy,
+        "twice-",
+        20,
+        Config {
+            rate: Rate::PerSecond(50.0),
+            duration: Some(Duration::from_secs(2)),
+            grace: Duration::from_secs(10),
+            ..Config::default()
+        },
+    );
+    let c = &report.totals.counters;
+    assert!(c.sent >= 50, "{c:?}");
+    assert_eq!((c.delivered, c.lost), (c.sent, 0), "{c:?}");
+    assert!(c.duplicated >= c.sent, "every message came twice: {c:?}");
+    assert_eq!(c.app_duplicated, 0, "{c:?}");
+    assert_eq!(report.exit_code(), 0);
+}
