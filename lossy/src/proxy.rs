@@ -42,6 +42,10 @@ pub const MAX_QUEUED: usize = 1 << 16;
 /// Largest datagram carried (the UDP maximum).
 pub const MAX_DATAGRAM: usize = 65_536;
 
+/// Consecutive read errors tolerated on one socket in one turn (each ICMP error is reported
+/// once; a socket that keeps failing must not spin the loop).
+const MAX_READ_ERRORS: u32 = 64;
+
 /// How often idle flows are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -385,12 +389,18 @@ impl Loop {
     }
 
     fn read_clients(&mut self) {
+        let mut errors = 0;
         loop {
             let (len, client) = match self.clients.recv_from(&mut self.buf) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                // Interrupted, or an ICMP error reported on the socket: read on.
-                Err(_) => continue,
+                // Interrupted, or an ICMP error reported on the socket: read on (a socket that
+                // only fails is left for the next turn).
+                Err(_) if errors < MAX_READ_ERRORS => {
+                    errors += 1;
+                    continue;
+                }
+                Err(_) => return,
             };
             let Some(slot) = self.flow_for(client) else {
                 self.stats.refused_flows += 1;
@@ -402,6 +412,7 @@ impl Loop {
     }
 
     fn read_flow(&mut self, slot: usize) {
+        let mut errors = 0;
         loop {
             let Some(Some(flow)) = self.flows.get_mut(slot) else {
                 return;
@@ -410,7 +421,11 @@ impl Loop {
                 Ok(len) => len,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // ECONNREFUSED (the server is not there yet) is reported once: read on.
-                Err(_) => continue,
+                Err(_) if errors < MAX_READ_ERRORS => {
+                    errors += 1;
+                    continue;
+                }
+                Err(_) => return,
             };
             let bytes = self.buf.get(..len).unwrap_or_default().to_vec();
             self.route(Direction::ToClient, slot, bytes);

@@ -324,3 +324,28 @@ fn faults_change_while_running() {
     drop(proxy);
     echo.stop();
 }
+
+#[test]
+fn a_missing_server_does_not_stop_the_proxy() {
+    // A port nobody listens on: the kernel answers with ICMP port unreachable, which the flow
+    // socket reports as a read error.
+    let closed = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(Config::new(closed)).unwrap();
+    let socket = client();
+    for round in 0..3 {
+        send_numbered(&socket, proxy.addr(), round * 10..(round + 1) * 10);
+        wait_stats(&proxy, |s| {
+            s.to_server.received == u64::from(round + 1) * 10
+        });
+    }
+    let stats = proxy.stop();
+    assert_eq!(stats.to_client.received, 0);
+    assert_eq!(
+        stats.to_server.sent + stats.to_server.overflow,
+        30,
+        "{stats:?}"
+    );
+}
