@@ -70,7 +70,7 @@ use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 use slab::Slab;
 
 use super::admit::Admission;
-use super::base::{self, Base, EMFILE, ENFILE};
+use super::base::{self, Backend, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant, Wake};
 use super::{Limits, Listeners};
@@ -775,31 +775,13 @@ impl UringCore {
         Ok(core)
     }
 
-    /// Runs until a [`Mail::Shutdown`] has been handled.
-    pub fn run(mut self) -> io::Result<()> {
-        while !self.base.shutting_down {
-            let timeout = self.base.wait_timeout();
-            self.wait(timeout)?;
-            let now = base::now();
-            self.complete(now);
-            // Carry out what the completions finished — a close that waited for its last send,
-            // the rest of a partial send — before any mail is answered: a peer that saw its
-            // goodbye must not be reported online by a question asked after it.
-            self.flush(now);
-            if self.base.accept_pause_over(now) {
-                self.arm_accept(Gate::Tcp);
-                self.arm_accept(Gate::Ws);
-            }
-            while let Some(migrant) = self.base.drain_inbox(now) {
-                self.adopt(now, *migrant);
-            }
-            self.base.run_timers(now);
-            self.flush(now);
-            self.base.outgoing.flush();
-        }
-        self.close_all();
-        // Dropping `self` cancels what is still pending and waits for it (`quiesce`).
-        Ok(())
+    /// Runs until a [`Mail::Shutdown`] has been handled; dropping the loop then cancels what
+    /// is still pending and waits for it (`quiesce`).
+    ///
+    /// # Errors
+    /// `io_uring_enter` failed.
+    pub fn run(self) -> io::Result<()> {
+        base::run(self)
     }
 
     /// Queues an entry for the next submission. If the submission queue is full, it first
@@ -1382,6 +1364,39 @@ impl UringCore {
             self.complete(now);
         }
         self.in_flight == 0
+    }
+}
+
+impl Backend for UringCore {
+    type Sock = usize;
+
+    fn base(&mut self) -> &mut Base<usize> {
+        &mut self.base
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        UringCore::wait(self, timeout)
+    }
+
+    fn handle_io(&mut self, now: Now) {
+        self.complete(now);
+    }
+
+    fn resume_accepting(&mut self, _now: Now) {
+        self.arm_accept(Gate::Tcp);
+        self.arm_accept(Gate::Ws);
+    }
+
+    fn adopt(&mut self, now: Now, migrant: Migrant) {
+        UringCore::adopt(self, now, migrant);
+    }
+
+    fn flush(&mut self, now: Now) {
+        UringCore::flush(self, now);
+    }
+
+    fn close_all(&mut self) {
+        UringCore::close_all(self);
     }
 }
 
