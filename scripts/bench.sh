@@ -72,13 +72,14 @@ loadgen=target/release/imedge-loadgen
 source scripts/bench_lib.sh
 bench_init "$out" bench-imedge "$imedge" "$loadgen"
 
-# start_server TAG: a fresh imedge (own data directory) pinned to SERVER_CPU, ready.
+# start_server TAG: a fresh imedge (own data directory) pinned to SERVER_CPU, ready. The per-session
+# rate limit is off: the closed-loop ceiling runs send far more per session than any client.
 start_server() {
   local tag=$1 log="$out/$1.server.log" i
   rm -rf "${data_dir:?}/$tag"
   taskset -c "$server_cpu" "$imedge" --threads 1 --io "$io" --no-pin true --bind 127.0.0.1 \
     --tcp-port "$tcp_port" --udp-port "$udp_port" --ws-port "$ws_port" \
-    --data-dir "$data_dir/$tag" >"$log" 2>&1 &
+    --session-msg-rate 0 --data-dir "$data_dir/$tag" >"$log" 2>&1 &
   server_pid=$!
   for ((i = 0; i < 100; i++)); do
     if [ "$(grep -c 'listening' "$log" || true)" -ge 3 ]; then

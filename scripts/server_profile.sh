@@ -37,7 +37,7 @@ bench_init "$out" bench-profile "$imedge" "$loadgen"
 
 taskset -c 0 "$imedge" --threads 1 --io "$io" --no-pin true --bind 127.0.0.1 \
   --tcp-port "$tcp_port" --udp-port "$udp_port" --ws-port "$ws_port" \
-  --data-dir "$data_dir/data" >"$out/server.log" 2>&1 &
+  --session-msg-rate 0 --data-dir "$data_dir/data" >"$out/server.log" 2>&1 &
 server_pid=$!
 sleep 1
 # shellcheck disable=SC2086

@@ -30,6 +30,12 @@ pub struct State {
     pub first_login_time: Option<i64>,
     /// Sent QoS messages awaiting an ACK.
     pub pending_qos: usize,
+    /// Received data messages not taken because the event queue was full (QoS ones were not
+    /// ACKed, so their senders resend them). See [`crate::DEFAULT_EVENT_CAPACITY`].
+    pub deferred_messages: u64,
+    /// Other notices dropped because the event queue and its overflow were full (see
+    /// [`crate::MAX_OVERFLOW_NOTICES`]).
+    pub dropped_notices: u64,
 }
 
 impl Client {
@@ -53,10 +59,11 @@ impl Client {
         };
         let link = Link::connect(target.clone()).await?;
         let (commands, command_rx) = mpsc::channel(options.command_capacity.max(1));
-        let (notices, notice_rx) = mpsc::unbounded_channel();
+        let (notices, notice_rx) = mpsc::channel(options.event_capacity.max(1));
         let user_id = config.user_id.clone();
         let session = ClientSession::new(config, tokio::time::Instant::now().into_std());
-        let driver = Driver::new(target, session, link, command_rx, notices);
+        let mut driver = Driver::new(target, session, link, command_rx, notices);
+        driver.set_overflow_capacity(options.overflow_capacity);
         tokio::spawn(driver.run());
         Ok((Client { commands, user_id }, Events::new(notice_rx)))
     }

@@ -9,9 +9,15 @@
 //!         message body from the link   → decode → session.handle_message
 //!         a reconnection completes     → session.handle_connected
 //!         poll_timeout() is reached    → session.handle_timeout
+//!         room in the event queue      → overflowed notices to Events
 //!     }
 //! }
 //! ```
+//!
+//! Backpressure: the event queue is bounded. A received data message is handed to the session
+//! only when the queue has room for the event it makes; otherwise it is dropped unread (a QoS one
+//! unacknowledged, so its sender resends it). Other notices never wait: they go to a small
+//! overflow queue drained as the application reads.
 //!
 //! The session decides everything (when to log in, send keep-alives, resend, give up on the link);
 //! this loop only performs it. A link failure of any kind — read or write error, a frame or message
@@ -19,18 +25,19 @@
 //! `handle_disconnected`, which answers with `LinkLost` and a re-login as the Java SDK does.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::future::{pending, Future};
 use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use imedge_protocol::session::{ClientSession, Output};
-use imedge_protocol::{Decoder, Fingerprint, Message, UserId};
+use imedge_protocol::{Decoder, Fingerprint, Kind, Message, UserId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::link::{Link, Target};
-use crate::{Error, Notice, Result, State};
+use crate::{Error, Notice, Result, State, MAX_OVERFLOW_NOTICES};
 
 /// What a [`crate::Client`] handle asks of the task. Every command that expects an answer gets it
 /// once the task has acted on it (for writes: once the bytes were handed to the socket).
@@ -68,7 +75,15 @@ pub(crate) struct Driver {
     connecting: Option<Connecting>,
     decoder: Decoder,
     commands: mpsc::Receiver<Command>,
-    notices: mpsc::UnboundedSender<Notice>,
+    notices: mpsc::Sender<Notice>,
+    /// Notices that found the event queue full, in order; everything after them waits here too.
+    overflow: VecDeque<Notice>,
+    /// Received data messages dropped unread because the event queue was full.
+    deferred_messages: u64,
+    /// Most notices `overflow` holds (`ClientOptions::overflow_capacity`).
+    overflow_capacity: usize,
+    /// Notices dropped because `overflow` was full.
+    dropped_notices: u64,
     /// A write that takes longer than the keep-alive timeout means the link is dead: the session
     /// would declare it lost for want of keep-alive responses anyway.
     write_timeout: Duration,
@@ -85,7 +100,7 @@ impl Driver {
         session: ClientSession,
         link: Link,
         commands: mpsc::Receiver<Command>,
-        notices: mpsc::UnboundedSender<Notice>,
+        notices: mpsc::Sender<Notice>,
     ) -> Self {
         let write_timeout = session.config().keep_alive.timeout;
         let mut driver = Self {
@@ -96,12 +111,21 @@ impl Driver {
             decoder: Decoder::new(),
             commands,
             notices,
+            overflow: VecDeque::new(),
+            deferred_messages: 0,
+            overflow_capacity: MAX_OVERFLOW_NOTICES,
+            dropped_notices: 0,
             write_timeout,
             batch: Vec::new(),
             done: false,
         };
         driver.link_up(link);
         driver
+    }
+
+    /// See `ClientOptions::overflow_capacity`.
+    pub(crate) fn set_overflow_capacity(&mut self, capacity: usize) {
+        self.overflow_capacity = capacity;
     }
 
     /// Runs until the session closes, the application closes, or nothing can happen any more.
@@ -117,10 +141,18 @@ impl Driver {
                 body = recv(self.link.as_mut()) => self.received(body),
                 link = connect(self.connecting.as_mut()) => self.connected(link),
                 () = sleep(deadline) => self.session.handle_timeout(now()),
+                open = room(&self.notices, !self.overflow.is_empty()) => self.drain_overflow(open),
             }
         }
         if let Some(link) = self.link.take() {
             link.close().await;
+        }
+        // The last notices (losses reported by a logout, the end of a session) still reach an
+        // application that reads; one that dropped `Events` makes `send` fail at once.
+        while let Some(notice) = self.overflow.pop_front() {
+            if self.notices.send(notice).await.is_err() {
+                break;
+            }
         }
         tracing::debug!(user_id = %self.session.config().user_id, "client task ended");
     }
@@ -220,6 +252,12 @@ impl Driver {
             Err(error) => return self.link_failed(error),
         };
         match self.decoder.decode(&mut body[..]) {
+            Ok(msg) if msg.kind == Kind::CommonData && !self.has_room() => {
+                // Not taken: no ACK, no de-duplication entry. The sender resends a QoS message
+                // later; one without QoS is lost, as on a lossy link.
+                self.deferred_messages += 1;
+                tracing::debug!(qos = msg.qos, "event queue full: message left unread");
+            }
             Ok(msg) => self.session.handle_message(now(), &msg),
             // Not a message: the reference closes such a session (SPEC §2.2); so do we, and the
             // session re-logs in on a fresh link.
@@ -266,6 +304,8 @@ impl Driver {
                     logged_in: self.session.is_logged_in(),
                     first_login_time: self.session.first_login_time(),
                     pending_qos: self.session.pending_qos(),
+                    deferred_messages: self.deferred_messages,
+                    dropped_notices: self.dropped_notices,
                 });
             }
             Command::Close => self.done = true,
@@ -277,9 +317,42 @@ impl Driver {
         self.link.is_none() && self.connecting.is_none() && self.session.poll_timeout().is_none()
     }
 
-    fn notify(&self, notice: Notice) {
-        // Nobody listening is fine: the application dropped its `Events`.
-        let _ = self.notices.send(notice);
+    /// Moves overflowed notices to the event queue while it has room; `open` is false when the
+    /// application dropped its `Events`, and nobody will read them.
+    fn drain_overflow(&mut self, open: bool) {
+        if !open {
+            self.overflow.clear();
+            return;
+        }
+        while let Some(notice) = self.overflow.pop_front() {
+            if let Err(error) = self.notices.try_send(notice) {
+                if let mpsc::error::TrySendError::Full(notice) = error {
+                    self.overflow.push_front(notice);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Whether the event queue can take one more notice now. Always true when the application
+    /// dropped its `Events` (messages are then taken and ACKed, and their events discarded).
+    fn has_room(&self) -> bool {
+        self.notices.is_closed() || (self.overflow.is_empty() && self.notices.capacity() > 0)
+    }
+
+    fn notify(&mut self, notice: Notice) {
+        if self.overflow.is_empty() {
+            match self.notices.try_send(notice) {
+                // Nobody listening is fine: the application dropped its `Events`.
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(notice)) => self.overflow.push_back(notice),
+            }
+        } else if self.overflow.len() < self.overflow_capacity {
+            self.overflow.push_back(notice);
+        } else {
+            self.dropped_notices += 1;
+            tracing::debug!(?notice, "event queue and overflow full: notice dropped");
+        }
     }
 }
 
@@ -311,6 +384,16 @@ async fn connect(connecting: Option<&mut Connecting>) -> Result<Link> {
     match connecting {
         Some(connecting) => connecting.await,
         None => pending().await,
+    }
+}
+
+/// Once `wanted`, waits until the event queue has room (true) or the application dropped its
+/// `Events` (false). The slot is not kept: this task is the only sender, so it stays free.
+async fn room(notices: &mpsc::Sender<Notice>, wanted: bool) -> bool {
+    if wanted {
+        notices.reserve().await.is_ok()
+    } else {
+        pending().await
     }
 }
 

@@ -32,15 +32,17 @@ pub enum Notice {
 /// logout, a kickout, a refused login, [`crate::Client::close`], or when the session can do
 /// nothing more (a first login whose link failed).
 ///
-/// Notices queue without bound so that the client's task never waits for the application (a
-/// stalled task would miss its keep-alives): keep reading them, or drop `Events` to discard them.
+/// The queue is bounded ([`crate::ClientOptions::event_capacity`]) and the client's task never
+/// waits for the application (a stalled task would miss its keep-alives): while it is full,
+/// received messages are left unacknowledged for their sender to resend (see
+/// [`crate::DEFAULT_EVENT_CAPACITY`]). Keep reading, or drop `Events` to discard every notice.
 #[derive(Debug)]
 pub struct Events {
-    rx: mpsc::UnboundedReceiver<Notice>,
+    rx: mpsc::Receiver<Notice>,
 }
 
 impl Events {
-    pub(crate) fn new(rx: mpsc::UnboundedReceiver<Notice>) -> Self {
+    pub(crate) fn new(rx: mpsc::Receiver<Notice>) -> Self {
         Self { rx }
     }
 

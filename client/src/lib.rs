@@ -15,6 +15,15 @@
 //! session asks in return (`poll_output`): write these messages, reconnect, close. The session's
 //! events (`poll_event`) go to the application through [`Events`].
 //!
+//! # Backpressure
+//!
+//! [`Events`] is bounded ([`ClientOptions::event_capacity`], default
+//! [`DEFAULT_EVENT_CAPACITY`]) and the task never waits for the application (a stalled task would
+//! miss its keep-alives). While the queue is full, a received data message is not handed to the
+//! session at all: a QoS message is therefore not ACKed and its sender resends it, which is the
+//! protocol's own flow control (the server keeps the message and resends it); a message without
+//! QoS is dropped. Nothing received is buffered without bound.
+//!
 //! The application holds a [`Client`] (cheap to clone; commands reach the task over a bounded
 //! channel and are answered once done) and the [`Events`] stream. Nothing is shared between
 //! the task and the application but those two channels.
@@ -67,7 +76,8 @@ pub use error::{Error, Result};
 pub use events::{Events, Notice};
 pub use options::{
     default_port, ClientOptions, DEFAULT_COMMAND_CAPACITY, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_TCP_PORT, DEFAULT_UDP_PORT, DEFAULT_WS_PORT,
+    DEFAULT_EVENT_CAPACITY, DEFAULT_TCP_PORT, DEFAULT_UDP_PORT, DEFAULT_WS_PORT,
+    MAX_OVERFLOW_NOTICES,
 };
 
 pub use imedge_protocol::qos;

@@ -5,7 +5,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use imedge_protocol::frame::ws;
-use imedge_protocol::qos::QosSenderConfig;
+use imedge_protocol::qos::receiver::TRANSIT_MARGIN;
+use imedge_protocol::qos::sender::MIN_CHECK_INTERVAL;
+use imedge_protocol::qos::{QosReceiverConfig, QosSenderConfig};
 use imedge_protocol::session::{ClientConfig, KeepAlive, SenseMode, Transport};
 
 use crate::Error;
@@ -27,6 +29,25 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// command is answered once the task has acted on it, so a caller has at most one in flight; the
 /// bound only matters for a [`crate::Client`] cloned into many tasks.
 pub const DEFAULT_COMMAND_CAPACITY: usize = 128;
+
+/// Notices ([`crate::Notice`]) queued towards the application before the client applies
+/// backpressure. A chat application takes its messages as they come; 1024 leaves room for a
+/// burst (a stored backlog drained at login arrives in pages of a few hundred) without letting a
+/// stalled application grow memory without bound.
+///
+/// When the queue is full, a received data message is **not taken**: a QoS message is not ACKed,
+/// so its sender resends it later (and the de-duplication window has not recorded it, so the
+/// resend is delivered); a message without QoS is dropped, as a lossy link would. Other notices
+/// (login results, ACKs, losses, link events) wait in a small overflow queue, bounded by
+/// [`MAX_OVERFLOW_NOTICES`].
+pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+
+/// Default of [`ClientOptions::overflow_capacity`]: notices other than received messages kept
+/// while the event queue is full. One `Delivered` or `Lost` per message the resend table can
+/// hold (`qos::sender::CLIENT_MAX_PENDING`, 4096) plus room for login and link notices; past it
+/// (only a server flooding echo responses or errors at an application that never reads) further
+/// notices are dropped and counted in [`crate::State::dropped_notices`].
+pub const MAX_OVERFLOW_NOTICES: usize = 4096 + 256;
 
 /// The reference server's listening port for `transport` (SPEC §1).
 pub const fn default_port(transport: Transport) -> u16 {
@@ -65,12 +86,23 @@ pub struct ClientOptions {
     /// A keep-alive interval and timeout outside the SDK's table; overrides `sense_mode`. For
     /// tests and servers with non-standard idle timeouts.
     pub keep_alive: Option<KeepAlive>,
-    /// Resend timing of sent QoS messages; the SDK's (SPEC §8.3) by default.
+    /// Resend timing of sent QoS messages; the Java SDK's by default (SPEC §8.3: a check every
+    /// 5000 ms, messages older than 3000 ms resent, 2 resends, then `Lost`). Set with
+    /// [`ClientOptions::with_qos_resends`] and [`ClientOptions::with_qos_resend_interval`].
+    ///
+    /// It also sizes the de-duplication window of received messages (see
+    /// [`ClientOptions::session_config`]).
     pub qos: QosSenderConfig,
     /// See [`DEFAULT_CONNECT_TIMEOUT`].
     pub connect_timeout: Duration,
     /// See [`DEFAULT_COMMAND_CAPACITY`].
     pub command_capacity: usize,
+    /// Capacity of the [`crate::Events`] queue, see [`DEFAULT_EVENT_CAPACITY`] for what happens
+    /// when it is full. At least 1.
+    pub event_capacity: usize,
+    /// Notices other than received messages held while the event queue is full; see
+    /// [`MAX_OVERFLOW_NOTICES`].
+    pub overflow_capacity: usize,
 }
 
 impl ClientOptions {
@@ -97,6 +129,32 @@ impl ClientOptions {
         self
     }
 
+    /// Resends of an unacknowledged QoS message before it is reported [`crate::Event::Lost`]
+    /// (Java SDK: 2). More resends ride out a lossier link: with 10 % loss each way a message
+    /// and its ACK both get through with p = 0.81 per attempt, so 2 resends lose ~0.7 % of
+    /// messages and 8 resends ~3·10⁻⁷.
+    pub fn with_qos_resends(mut self, resends: u32) -> Self {
+        self.qos.max_resends = resends;
+        self
+    }
+
+    /// Period of the QoS resend checks (Java SDK: 5000 ms). A message is resent at the first
+    /// check at least the SDK's grace (3000 ms) after its first send, or one interval after it
+    /// when the interval is shorter, then at every check. Clamped to
+    /// [`MIN_CHECK_INTERVAL`].
+    pub fn with_qos_resend_interval(mut self, interval: Duration) -> Self {
+        let interval = interval.max(MIN_CHECK_INTERVAL);
+        self.qos.check_interval = interval;
+        self.qos.grace = QosSenderConfig::CLIENT.grace.min(interval);
+        self
+    }
+
+    /// Sets the capacity of the event queue (see [`DEFAULT_EVENT_CAPACITY`]).
+    pub fn with_event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = capacity;
+        self
+    }
+
     /// Sets the `extra` login field.
     pub fn with_extra(mut self, extra: impl Into<String>) -> Self {
         self.extra = Some(extra.into());
@@ -104,6 +162,14 @@ impl ClientOptions {
     }
 
     /// The session configuration these options describe.
+    ///
+    /// The de-duplication window of received QoS messages is the SDK's
+    /// ([`QosReceiverConfig::CLIENT`], 58 s), widened to cover a sender that resends on the same
+    /// schedule as this client: the server relays a message to us with its own policy, which a
+    /// deployment sets alike on both ends (`--qos-resends`), and may deliver it once more after
+    /// giving up (stored for an online recipient) — so twice [`QosSenderConfig::holding_time`]
+    /// of [`ClientOptions::qos`], plus [`TRANSIT_MARGIN`]. A key forgotten too early would let a
+    /// late resend reach the application twice.
     ///
     /// # Errors
     /// [`Error::Options`] when the transport's SDK has no such sense mode (UDP has no 5S or 15S).
@@ -117,8 +183,15 @@ impl ClientOptions {
         }
         config.extra.clone_from(&self.extra);
         config.qos = self.qos;
+        config.dedup = dedup_window(&self.qos);
         Ok(config)
     }
+}
+
+/// The de-duplication window for a peer resending on `qos`'s schedule (see
+/// [`ClientOptions::session_config`]).
+fn dedup_window(qos: &QosSenderConfig) -> QosReceiverConfig {
+    QosReceiverConfig::CLIENT.covering(qos.holding_time().saturating_mul(2), TRANSIT_MARGIN)
 }
 
 impl Default for ClientOptions {
@@ -136,6 +209,8 @@ impl Default for ClientOptions {
             qos: QosSenderConfig::CLIENT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_capacity: DEFAULT_COMMAND_CAPACITY,
+            event_capacity: DEFAULT_EVENT_CAPACITY,
+            overflow_capacity: MAX_OVERFLOW_NOTICES,
         }
     }
 }
@@ -154,6 +229,8 @@ impl fmt::Debug for ClientOptions {
             .field("qos", &self.qos)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_capacity", &self.command_capacity)
+            .field("event_capacity", &self.event_capacity)
+            .field("overflow_capacity", &self.overflow_capacity)
             .finish()
     }
 }
@@ -188,5 +265,44 @@ mod tests {
             custom.session_config().unwrap().keep_alive,
             KeepAlive::from_millis(100, 300)
         );
+    }
+
+    #[test]
+    fn qos_defaults_are_the_java_sdks() {
+        let server = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+        let config = ClientOptions::new(Transport::Udp, server, "a", "t")
+            .session_config()
+            .unwrap();
+        assert_eq!(config.qos.max_resends, 2);
+        assert_eq!(config.qos.check_interval, Duration::from_millis(5000));
+        assert_eq!(config.qos.grace, Duration::from_millis(3000));
+        // 2 × 18 s + 20 s is under the SDK's own 58 s.
+        assert_eq!(config.dedup, QosReceiverConfig::CLIENT);
+    }
+
+    #[test]
+    fn qos_resend_policy_is_configurable_and_dedup_covers_it() {
+        let server = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+        let options = ClientOptions::new(Transport::Udp, server, "a", "t")
+            .with_qos_resends(8)
+            .with_qos_resend_interval(Duration::from_millis(10_000));
+        let config = options.session_config().unwrap();
+        assert_eq!(config.qos.max_resends, 8);
+        assert_eq!(config.qos.check_interval, Duration::from_secs(10));
+        assert_eq!(config.qos.grace, Duration::from_secs(3));
+        // Held 3 + 9·10 = 93 s; a peer on the same schedule resends for as long, twice over.
+        assert_eq!(config.qos.holding_time(), Duration::from_secs(93));
+        assert_eq!(config.dedup.window, Duration::from_secs(2 * 93 + 20));
+        assert!(config.dedup.window >= config.qos.resend_span());
+
+        // A short interval shortens the grace too, so the first resend comes one interval late.
+        let fast = options
+            .with_qos_resend_interval(Duration::from_millis(200))
+            .session_config()
+            .unwrap();
+        assert_eq!(fast.qos.grace, Duration::from_millis(200));
+        assert_eq!(fast.dedup, QosReceiverConfig::CLIENT);
+        let zero = ClientOptions::default().with_qos_resend_interval(Duration::ZERO);
+        assert!(zero.qos.check_interval > Duration::ZERO);
     }
 }

@@ -5,6 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use imedge_protocol::qos::receiver::TRANSIT_MARGIN;
+use imedge_protocol::qos::sender::MIN_CHECK_INTERVAL;
+use imedge_protocol::qos::{QosReceiverConfig, QosSenderConfig};
 use serde::{Deserialize, Serialize};
 
 /// Default TCP port of a MobileIMSDK server (the reference's `8901`).
@@ -112,6 +115,13 @@ pub struct Config {
     pub message_size: usize,
     /// Send with QoS (a fingerprint, ACKs, resends).
     pub qos: bool,
+    /// Resends of an unacknowledged QoS message before the client reports it lost; `None` = the
+    /// Java SDK's 2 (SPEC §8.3). See [`Config::qos_schedule`].
+    #[serde(default)]
+    pub qos_resends: Option<u32>,
+    /// Period of the clients' QoS resend checks; `None` = the Java SDK's 5000 ms.
+    #[serde(default)]
+    pub qos_resend_interval: Option<Duration>,
     /// How long messages are sent (after the login phase).
     pub duration: Option<Duration>,
     /// Total messages to send; sending stops at whichever of this and `duration` comes first.
@@ -146,12 +156,36 @@ impl Default for Config {
             window: 2,
             message_size: 100,
             qos: true,
+            qos_resends: None,
+            qos_resend_interval: None,
             duration: Some(Duration::from_secs(10)),
             messages: None,
             grace: Duration::from_secs(5),
             max_loss: MaxLoss::Count(0),
             run_id: 0,
         }
+    }
+}
+
+impl Config {
+    /// The clients' QoS resend table and de-duplication window: the Java SDK's, with
+    /// `qos_resends` and `qos_resend_interval` applied as the SDK crate's
+    /// `ClientOptions::with_qos_resends` / `with_qos_resend_interval` do (a grace no longer than
+    /// the interval), and the window widened to cover a server resending on the same schedule,
+    /// twice (a resent round, then its redelivery), plus transit.
+    pub fn qos_schedule(&self) -> (QosSenderConfig, QosReceiverConfig) {
+        let mut qos = QosSenderConfig::CLIENT;
+        if let Some(n) = self.qos_resends {
+            qos.max_resends = n;
+        }
+        if let Some(interval) = self.qos_resend_interval {
+            let interval = interval.max(MIN_CHECK_INTERVAL);
+            qos.check_interval = interval;
+            qos.grace = qos.grace.min(interval);
+        }
+        let dedup = QosReceiverConfig::CLIENT
+            .covering(qos.holding_time().saturating_mul(2), TRANSIT_MARGIN);
+        (qos, dedup)
     }
 }
 
@@ -289,6 +323,31 @@ pub fn parse_source_ips(s: &str) -> Result<Vec<IpAddr>, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qos_schedule_defaults_and_overrides() {
+        let (qos, dedup) = Config::default().qos_schedule();
+        assert_eq!(qos, QosSenderConfig::CLIENT);
+        assert_eq!(dedup, QosReceiverConfig::CLIENT);
+        let config = Config {
+            qos_resends: Some(8),
+            qos_resend_interval: Some(Duration::from_millis(10_000)),
+            ..Config::default()
+        };
+        let (qos, dedup) = config.qos_schedule();
+        assert_eq!(qos.max_resends, 8);
+        assert_eq!(qos.check_interval, Duration::from_secs(10));
+        assert_eq!(qos.grace, Duration::from_secs(3));
+        assert_eq!(dedup.window, Duration::from_secs(2 * 93 + 20));
+        // A configuration from an older parent (no such fields) still parses.
+        let mut json = serde_json::to_value(Config::default()).unwrap_or_default();
+        if let Some(map) = json.as_object_mut() {
+            map.remove("qos_resends");
+            map.remove("qos_resend_interval");
+        }
+        let parsed: Result<Config, _> = serde_json::from_value(json);
+        assert_eq!(parsed.ok(), Some(Config::default()));
+    }
 
     #[test]
     fn durations() {

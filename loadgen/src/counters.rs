@@ -29,6 +29,11 @@ pub struct Counters {
     pub lost: u64,
     /// Extra copies received (server resends), before the session's de-duplication.
     pub duplicated: u64,
+    /// Extra copies the session passed to the application after its de-duplication (the SDK's
+    /// `onRecieveMessage` called twice for one message). Must be 0: a non-zero count means the
+    /// de-duplication window was shorter than the sender's resends.
+    #[serde(default)]
+    pub app_duplicated: u64,
     /// Messages that arrived after a later message of the same sender.
     pub reordered: u64,
     /// Messages due by the schedule that could not be sent (sender not logged in, or its QoS
@@ -48,6 +53,7 @@ impl Counters {
         self.acked += other.acked;
         self.lost += other.lost;
         self.duplicated += other.duplicated;
+        self.app_duplicated += other.app_duplicated;
         self.reordered += other.reordered;
         self.unsent += other.unsent;
         self.qos_lost += other.qos_lost;

@@ -28,7 +28,8 @@
 //! * **delivered** counts distinct messages received (c2c, fanout; pairs and fanout receivers are
 //!   always in the sender's worker) or ACKed by the server (c2s). **acked** counts distinct ACKs
 //!   at the sender. **duplicated** counts extra copies on the wire, *before* the session's own
-//!   de-duplication (the application, like the SDK's, never sees them); **reordered** counts
+//!   de-duplication (the application, like the SDK's, never sees them); **app_duplicated** counts
+//!   the copies that got past that de-duplication to the application (must be 0); **reordered** counts
 //!   messages that arrived after a later one of the same sender.
 //! * **lost** = sent − delivered once sending stopped and `--grace` passed (or every message was
 //!   delivered and ACKed). **unsent** = messages the schedule asked for that the session refused

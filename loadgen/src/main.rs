@@ -88,6 +88,13 @@ struct Args {
     /// Send without QoS (same as --qos false).
     #[arg(long)]
     no_qos: bool,
+    /// Resends of an unacknowledged QoS message before a client reports it lost
+    /// [default: 2, the Java SDK's].
+    #[arg(long)]
+    qos_resends: Option<u32>,
+    /// Period of the clients' QoS resend checks, milliseconds [default: 5000, the Java SDK's].
+    #[arg(long)]
+    qos_resend_interval: Option<u64>,
     /// How long to send, e.g. 30s, 500ms (default 10s unless --messages is given).
     #[arg(long, value_parser = config::parse_duration)]
     duration: Option<std::time::Duration>,
@@ -233,6 +240,10 @@ fn to_config(args: &Args) -> anyhow::Result<Config> {
     );
     anyhow::ensure!(args.login_rate > 0.0, "--login-rate must be positive");
     anyhow::ensure!(
+        args.qos_resend_interval != Some(0),
+        "--qos-resend-interval must be at least 1 ms"
+    );
+    anyhow::ensure!(
         !(args.rate == Rate::Max && args.scenario == Scenario::C2s && (args.no_qos || !args.qos)),
         "--rate max with --scenario c2s needs QoS: only the server's ACK confirms a C2S message"
     );
@@ -259,6 +270,10 @@ fn to_config(args: &Args) -> anyhow::Result<Config> {
         window: args.window.max(1),
         message_size: args.message_size,
         qos: args.qos && !args.no_qos,
+        qos_resends: args.qos_resends,
+        qos_resend_interval: args
+            .qos_resend_interval
+            .map(std::time::Duration::from_millis),
         duration,
         messages,
         grace: args.grace,

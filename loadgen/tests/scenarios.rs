@@ -47,6 +47,8 @@ impl Server {
             pin_threads: false,
             offline_store: false,
             data_dir,
+            // Closed-loop runs (`Rate::Max`) send far more per session than any client.
+            session_msg_rate: 0,
             ..ServerConfig::default()
         };
         let handle = runtime::start(&config, Arc::new(AllowAll)).unwrap();
@@ -114,6 +116,7 @@ fn short_c2c_run_delivers_everything() {
         "acked",
         "lost",
         "duplicated",
+        "app_duplicated",
         "reordered",
         "msgs_per_s",
     ] {
@@ -134,6 +137,7 @@ fn short_c2c_run_delivers_everything() {
     assert_eq!(totals["delivered"].as_u64().unwrap(), sent);
     assert_eq!(totals["lost"], 0);
     assert_eq!(totals["duplicated"], 0);
+    assert_eq!(totals["app_duplicated"], 0);
     assert_eq!(totals["unsent"], 0);
     assert_eq!(totals["acked"].as_u64().unwrap(), sent);
     assert_eq!(report.exit_code(), 0);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use imedge_protocol::frame::{tcp, udp};
+use imedge_protocol::qos::QosSenderConfig;
 use imedge_protocol::session::Transport;
 
 /// Which I/O backend the cores run.
@@ -45,6 +46,18 @@ pub struct ServerConfig {
     pub udp_idle: Duration,
     /// Idle timeout of WebSocket connections (20 s).
     pub ws_idle: Duration,
+    /// The server's QoS resend schedule (SPEC §8.4): resends and check interval are settable
+    /// (`--qos-resends`, `--qos-resend-interval`), the defaults are the reference's. The
+    /// de-duplication window widens to cover it (`QosReceiverConfig::covering`).
+    pub qos: QosSenderConfig,
+    /// Largest C2C message relayed (`--max-message-bytes`), see
+    /// [`crate::shard::ShardConfig::max_message_bytes`] for the rule.
+    pub max_message_bytes: usize,
+    /// Data messages per second a session may send (`--session-msg-rate`, 0 = no limit) and its
+    /// burst (`--session-msg-burst`); see [`crate::shard::ShardConfig::session_msg_rate`].
+    pub session_msg_rate: u32,
+    /// See `session_msg_rate`.
+    pub session_msg_burst: u32,
     /// Largest TCP frame body (SPEC §1.1: 6144).
     pub tcp_max_body: usize,
     /// Largest UDP datagram (SPEC §1.2: 2048).
@@ -99,6 +112,10 @@ impl Default for ServerConfig {
             tcp_idle: Transport::Tcp.default_server_idle_timeout(),
             udp_idle: Transport::Udp.default_server_idle_timeout(),
             ws_idle: Transport::Ws.default_server_idle_timeout(),
+            qos: QosSenderConfig::SERVER,
+            max_message_bytes: crate::shard::DEFAULT_MAX_MESSAGE_BYTES,
+            session_msg_rate: crate::shard::DEFAULT_SESSION_MSG_RATE,
+            session_msg_burst: crate::shard::DEFAULT_SESSION_MSG_BURST,
             tcp_max_body: tcp::DEFAULT_MAX_BODY,
             udp_max_datagram: udp::DEFAULT_MAX_DATAGRAM,
             server_timestamps: false,

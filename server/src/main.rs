@@ -135,6 +135,29 @@ struct Args {
     /// Idle timeout of WebSocket connections, seconds [default: 20].
     #[arg(long, env = "IMEDGE_WS_IDLE")]
     ws_idle: Option<u64>,
+    /// Resends of a QoS message the server forwards before it counts as lost (and is stored
+    /// for the recipient) [default: 1, the reference's].
+    #[arg(long, env = "IMEDGE_QOS_RESENDS")]
+    qos_resends: Option<u32>,
+    /// Period of the server's QoS resend checks, milliseconds [default: 5000, the reference's].
+    #[arg(long, env = "IMEDGE_QOS_RESEND_INTERVAL")]
+    qos_resend_interval: Option<u64>,
+    /// Largest C2C message relayed, in bytes as encoded for the recipient. Checked when the
+    /// sender's message arrives, on every transport: a larger one is refused (not relayed, not
+    /// stored, no ACK, error 4 to the sender) rather than sent in a form the recipient's SDK
+    /// drops. The default is the TCP frame limit; with Java UDP clients use 1024
+    /// [default: 6144].
+    #[arg(long, env = "IMEDGE_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+    /// Data messages per second one session may send; past it (and its burst) they are dropped
+    /// without an ACK, so the SDK resends them later or reports them lost. 0 = no limit
+    /// [default: 200].
+    #[arg(long, env = "IMEDGE_SESSION_MSG_RATE")]
+    session_msg_rate: Option<u32>,
+    /// Data messages one session may send at once before --session-msg-rate applies
+    /// [default: 400].
+    #[arg(long, env = "IMEDGE_SESSION_MSG_BURST")]
+    session_msg_burst: Option<u32>,
     /// Stamp every server packet with the server clock (`sm`).
     #[arg(long, env = "IMEDGE_SERVER_TIMESTAMPS")]
     server_timestamps: Option<bool>,
@@ -203,6 +226,11 @@ struct FileConfig {
     tcp_idle: Option<u64>,
     udp_idle: Option<u64>,
     ws_idle: Option<u64>,
+    qos_resends: Option<u32>,
+    qos_resend_interval: Option<u64>,
+    max_message_bytes: Option<usize>,
+    session_msg_rate: Option<u32>,
+    session_msg_burst: Option<u32>,
     tcp_sense_mode: Option<String>,
     udp_sense_mode: Option<String>,
     ws_sense_mode: Option<String>,
@@ -289,6 +317,24 @@ fn main() -> anyhow::Result<()> {
     config.tcp_idle = secs(args.tcp_idle.or(file.tcp_idle), config.tcp_idle);
     config.udp_idle = secs(args.udp_idle.or(file.udp_idle), config.udp_idle);
     config.ws_idle = secs(args.ws_idle.or(file.ws_idle), config.ws_idle);
+    if let Some(n) = args.qos_resends.or(file.qos_resends) {
+        config.qos.max_resends = n;
+    }
+    if let Some(ms) = args.qos_resend_interval.or(file.qos_resend_interval) {
+        if ms == 0 {
+            bail!("--qos-resend-interval must be at least 1 ms");
+        }
+        config.qos.check_interval = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.max_message_bytes.or(file.max_message_bytes) {
+        config.max_message_bytes = n;
+    }
+    if let Some(n) = args.session_msg_rate.or(file.session_msg_rate) {
+        config.session_msg_rate = n;
+    }
+    if let Some(n) = args.session_msg_burst.or(file.session_msg_burst) {
+        config.session_msg_burst = n;
+    }
     config.server_timestamps = args
         .server_timestamps
         .or(file.server_timestamps)

@@ -155,6 +155,8 @@ fn a_slow_consumers_unacknowledged_messages_reach_its_next_session() {
             c.max_send_buffer = 1 << 20;
             c.write_stall_timeout = Duration::from_secs(600);
             c.offline_store = true;
+            // Alice sends thousands back to back: no per-session rate limit.
+            c.session_msg_rate = 0;
         }),
         Arc::new(AllowAll),
     );

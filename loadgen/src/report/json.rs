@@ -2,8 +2,8 @@
 //!
 //! `{"totals": {...}, "transports": {"tcp": {...}, "udp": {...}, "ws": {...}}, "logins": {...},
 //! "loadgen": {...}, "config": {...}, "timeline": [...], "warnings": [...]}`, where every transport
-//! object has `sent, delivered, acked, lost, duplicated, reordered, unsent, qos_lost, late,
-//! msgs_per_s, clients` and `latency_us: {p50, p90, p99, p999, max, mean, count}`.
+//! object has `sent, delivered, acked, lost, duplicated, app_duplicated, reordered, unsent,
+//! qos_lost, late, msgs_per_s, clients` and `latency_us: {p50, p90, p99, p999, max, mean, count}`.
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
@@ -78,6 +78,7 @@ fn transport(report: &Report, t: &TransportReport) -> Value {
         "acked": c.acked,
         "lost": c.lost,
         "duplicated": c.duplicated,
+        "app_duplicated": c.app_duplicated,
         "reordered": c.reordered,
         "unsent": c.unsent,
         "qos_lost": c.qos_lost,

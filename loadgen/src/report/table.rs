@@ -16,8 +16,8 @@ pub fn render(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>6} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9}",
-        "", "clients", "sent", "delivered", "acked", "lost", "dup", "reord", "unsent", "msg/s", "p50 µs", "p90 µs", "p99 µs", "p999 µs", "max µs"
+        "{:<6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>6} {:>7} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "", "clients", "sent", "delivered", "acked", "lost", "dup", "app dup", "reord", "unsent", "msg/s", "p50 µs", "p90 µs", "p99 µs", "p999 µs", "max µs"
     );
     for (name, t) in TRANSPORTS.iter().zip(&report.transports) {
         if t.clients > 0 {
@@ -91,7 +91,7 @@ fn row(out: &mut String, report: &Report, name: &str, t: &TransportReport) {
     let [p50, p90, p99, p999, max] = percentiles(&t.latency);
     let _ = writeln!(
         out,
-        "{:<6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>6} {:>6} {:>8} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "{:<6} {:>7} {:>10} {:>10} {:>10} {:>8} {:>6} {:>7} {:>6} {:>8} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9}",
         name,
         t.clients,
         c.sent,
@@ -99,6 +99,7 @@ fn row(out: &mut String, report: &Report, name: &str, t: &TransportReport) {
         c.acked,
         c.lost,
         c.duplicated,
+        c.app_duplicated,
         c.reordered,
         c.unsent,
         report.msgs_per_s(c),

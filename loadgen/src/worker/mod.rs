@@ -157,6 +157,8 @@ struct Client {
     rx: SeqTracker,
     /// ACKs of this client's own messages.
     acks: SeqTracker,
+    /// Messages the session passed to the application, after its de-duplication.
+    app_rx: SeqTracker,
 }
 
 /// Runs one worker to the end, reporting through `sink` (which answers `false` when nobody listens
@@ -246,7 +248,8 @@ impl<'c> Worker<'c> {
                 Transport::Ws => config.ws_port,
             };
             let uid = format!("{}{}", config.uid_prefix, global);
-            let session_config = ClientConfig::new(uid, config.token.clone(), transport);
+            let mut session_config = ClientConfig::new(uid, config.token.clone(), transport);
+            (session_config.qos, session_config.dedup) = config.qos_schedule();
             let to = match config.scenario {
                 Scenario::C2s => Some(UserId::new("0")),
                 Scenario::C2c => plan::partner(config.scenario, local, n)
@@ -276,6 +279,7 @@ impl<'c> Worker<'c> {
                 in_flight: 0,
                 rx: SeqTracker::default(),
                 acks: SeqTracker::default(),
+                app_rx: SeqTracker::default(),
             });
         }
         let senders: Vec<usize> = (0..n)
@@ -874,7 +878,36 @@ impl<'c> Worker<'c> {
                 }
             }
             Event::Error { .. } => self.logins.server_errors += 1,
-            Event::Message(_) | Event::EchoResponse(_) | Event::Malformed { .. } => {}
+            Event::Message(msg) => {
+                if let Some(text) = msg.text() {
+                    self.on_app_message(idx, text);
+                }
+            }
+            Event::EchoResponse(_) | Event::Malformed { .. } => {}
+        }
+    }
+
+    /// The session passed a data message to the application of receiver `idx`: a second copy
+    /// of one message is a duplicate the session's de-duplication let through.
+    fn on_app_message(&mut self, idx: usize, text: &str) {
+        let Some(stamp) = payload::decode(text) else {
+            return;
+        };
+        if stamp.run != self.config.run_id || stamp.worker != self.index as u32 {
+            return;
+        }
+        let Some(t) = self
+            .clients
+            .get(stamp.sender as usize)
+            .map(|c| plan::transport_index(c.transport))
+        else {
+            return;
+        };
+        let Some(c) = self.clients.get_mut(idx) else {
+            return;
+        };
+        if c.app_rx.observe(stamp.seq) == Arrival::Duplicate {
+            counters_mut(&mut self.counters, t).app_duplicated += 1;
         }
     }
 

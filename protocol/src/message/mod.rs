@@ -17,6 +17,43 @@ pub const UNSET: i64 = -1;
 /// The `dataContent` of keep-alive and keep-alive response messages.
 pub const EMPTY_DOCUMENT: &str = "{}";
 
+/// Longest user id accepted, in bytes. The reference has no limit; ids are account names or
+/// numbers chosen by the application, far below this, and every QoS and session table keeps
+/// them, so an unbounded id would let one client make the server hold arbitrary strings.
+pub const MAX_USER_ID_LEN: usize = 128;
+
+/// Longest fingerprint accepted, in bytes. The Java SDK sends 36-byte UUIDs (SPEC §8.2) and
+/// imedge's own are shorter; 64 leaves room for other clients' formats.
+pub const MAX_FINGERPRINT_LEN: usize = 64;
+
+/// An id of a message is longer than its limit ([`Message::check_id_lengths`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdTooLong {
+    /// `from` or `to` (or a login's `loginUserId`) is longer than [`MAX_USER_ID_LEN`].
+    #[error("user id of {len} bytes (at most {MAX_USER_ID_LEN})")]
+    UserId {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// `fp` is longer than [`MAX_FINGERPRINT_LEN`].
+    #[error("fingerprint of {len} bytes (at most {MAX_FINGERPRINT_LEN})")]
+    Fingerprint {
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
+/// Checks a user id against [`MAX_USER_ID_LEN`].
+///
+/// # Errors
+/// [`IdTooLong::UserId`] when it is longer.
+pub fn check_user_id(uid: &str) -> Result<(), IdTooLong> {
+    if uid.len() > MAX_USER_ID_LEN {
+        return Err(IdTooLong::UserId { len: uid.len() });
+    }
+    Ok(())
+}
+
 /// One message, in any direction, on any transport (SPEC §2).
 ///
 /// Decoded messages borrow their strings from the receive buffer; messages built by imedge may
@@ -251,6 +288,25 @@ impl<'a> Message<'a> {
         self.kind == Kind::CommonData && self.to.as_ref().is_some_and(UserId::is_server)
     }
 
+    /// Checks `from`, `to` and `fp` against [`MAX_USER_ID_LEN`] and [`MAX_FINGERPRINT_LEN`]. A
+    /// cheap pass over three lengths, run before a message touches any table.
+    ///
+    /// # Errors
+    /// The first id found too long.
+    pub fn check_id_lengths(&self) -> Result<(), IdTooLong> {
+        for uid in [&self.from, &self.to].into_iter().flatten() {
+            check_user_id(uid.as_str())?;
+        }
+        if let Some(fp) = &self.fp {
+            if fp.as_str().len() > MAX_FINGERPRINT_LEN {
+                return Err(IdTooLong::Fingerprint {
+                    len: fp.as_str().len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Detaches the message from the buffer it borrows from.
     pub fn into_owned(self) -> Message<'static> {
         Message {
@@ -276,5 +332,43 @@ impl<'a> From<LoginRequest<'a>> for Content<'a> {
 impl From<LoginResponse> for Content<'static> {
     fn from(doc: LoginResponse) -> Self {
         Self::LoginResponse(doc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_lengths_are_checked_at_their_limits() {
+        let uid = |n: usize| UserId::from("u".repeat(n));
+        let fp = |n: usize| Some(Fingerprint::from("f".repeat(n)));
+        let ok = Message::data(uid(MAX_USER_ID_LEN), uid(MAX_USER_ID_LEN), "x", fp(64));
+        assert_eq!(ok.check_id_lengths(), Ok(()));
+        let long_from = Message::data(uid(129), uid(1), "x", None);
+        assert_eq!(
+            long_from.check_id_lengths(),
+            Err(IdTooLong::UserId { len: 129 })
+        );
+        let long_to = Message::data(uid(1), uid(500), "x", None);
+        assert_eq!(
+            long_to.check_id_lengths(),
+            Err(IdTooLong::UserId { len: 500 })
+        );
+        let long_fp = Message::data(uid(1), uid(1), "x", fp(MAX_FINGERPRINT_LEN + 1));
+        assert_eq!(
+            long_fp.check_id_lengths(),
+            Err(IdTooLong::Fingerprint { len: 65 })
+        );
+        // The Java SDK's UUIDs fit.
+        let uuid = Some(Fingerprint::from("0f8fad5b-d9cb-469f-a165-70867728950e"));
+        assert_eq!(
+            Message::data(uid(8), uid(8), "x", uuid).check_id_lengths(),
+            Ok(())
+        );
+        assert_eq!(
+            check_user_id(&"u".repeat(129)),
+            Err(IdTooLong::UserId { len: 129 })
+        );
     }
 }

@@ -15,6 +15,11 @@ pub const KICKOUT_DUPLICATE_LOGIN: i32 = 1;
 pub const KICKOUT_BY_ADMIN: i32 = 2;
 /// Login response code for success.
 pub const LOGIN_OK: i32 = 0;
+/// Framework error code "invalid message object" (SPEC §4.4's code space): imedge sends it (and
+/// refuses logins with it) for a message it will not take — an id longer than the limits of
+/// [`crate::message::MAX_USER_ID_LEN`] / [`crate::message::MAX_FINGERPRINT_LEN`], a message too
+/// large to relay. The SDK only reports the code.
+pub const ERROR_INVALID_MESSAGE: i32 = 4;
 /// Codes 0–1024 are the framework's; applications refuse logins with codes from here on.
 pub const FIRST_APP_CODE: i32 = 1025;
 

@@ -8,11 +8,15 @@
 //! * [`QosReceiver`] — fingerprints seen recently, so that a resent message is ACKed again but
 //!   delivered once (§8.5).
 //!
-//! Only type-2 messages with `QoS: true` and an `fp` take part (§8.1); the fingerprint is the only
-//! key (§8.2).
+//! Only type-2 messages with `QoS: true` and an `fp` take part (§8.1). The reference keys every
+//! table by fingerprint alone (§8.2); here the receiver (and the server's sender) key by
+//! (user id, fingerprint) as a compact [`QosKey`] ([`key`]), since fingerprints are chosen by
+//! clients.
 
+pub mod key;
 pub mod receiver;
 pub mod sender;
 
-pub use receiver::{QosReceiver, QosReceiverConfig, Seen};
-pub use sender::{QosEvent, QosSender, QosSenderConfig};
+pub use key::{QosKey, QosKeyHasher};
+pub use receiver::{QosReceiver, QosReceiverConfig, ReceiverStats, Seen};
+pub use sender::{QosEvent, QosSender, QosSenderConfig, SenderStats};

@@ -29,7 +29,9 @@ use crate::message::payload::{
     ErrorResponse, Kickout, LoginRequest, LoginResponse, ERROR_NOT_LOGGED_IN, LOGIN_OK,
 };
 use crate::message::{Content, Fingerprint, Kind, Message, UserId};
-use crate::qos::{QosEvent, QosReceiver, QosReceiverConfig, QosSender, QosSenderConfig, Seen};
+use crate::qos::{
+    QosEvent, QosKeyHasher, QosReceiver, QosReceiverConfig, QosSender, QosSenderConfig, Seen,
+};
 
 /// What a client session is configured with. [`ClientConfig::new`] fills in the Java SDK's
 /// defaults for the transport.
@@ -69,7 +71,7 @@ impl ClientConfig {
             keep_alive: transport.default_client_keep_alive(),
             relogin_interval: transport.relogin_interval(),
             qos: QosSenderConfig::CLIENT,
-            dedup: QosReceiverConfig::default(),
+            dedup: QosReceiverConfig::CLIENT,
         }
     }
 
@@ -235,6 +237,8 @@ pub struct ClientSession {
     relogin_at: Option<Instant>,
     sender: QosSender<Message<'static>>,
     receiver: QosReceiver,
+    /// Keys of the de-duplication window: (sender, fingerprint) under a per-session secret.
+    keys: QosKeyHasher,
     /// Parses login responses, errors and kickouts carried as text.
     decoder: Decoder,
     outputs: VecDeque<Output>,
@@ -248,6 +252,7 @@ impl ClientSession {
         Self {
             sender: QosSender::new(config.qos, now),
             receiver: QosReceiver::new(config.dedup, now),
+            keys: QosKeyHasher::random(),
             config,
             phase: Phase::Idle,
             link_up: false,
@@ -321,7 +326,9 @@ impl ClientSession {
                 if let Some(ack) = msg.ack_reply() {
                     self.outputs.push_back(Output::Transmit(ack.into_owned()));
                 }
-                if self.receiver.handle_message(now, fp.as_str()) == Seen::Duplicate {
+                let from = msg.from.as_ref().map_or("", |from| from.as_str());
+                let key = self.keys.key(from, fp.as_str());
+                if self.receiver.handle_message(now, key) == Seen::Duplicate {
                     return;
                 }
             }
@@ -411,7 +418,7 @@ impl ClientSession {
         msg.typeu = typeu;
         if let Some(fp) = &msg.fp {
             self.sender
-                .insert(now, fp.clone(), msg.clone())
+                .insert(now, fp.clone(), msg.clone(), heap_bytes(&msg))
                 .map_err(|_| SendError::QosFull)?;
         }
         self.outputs.push_back(Output::Transmit(msg));
@@ -625,7 +632,7 @@ impl ClientSession {
                         self.outputs.push_back(Output::Transmit(item));
                     }
                 }
-                QosEvent::Lost { fp, item } => self.events.push_back(Event::Lost(fp, item)),
+                QosEvent::Lost { key, item } => self.events.push_back(Event::Lost(key, item)),
             }
         }
     }
@@ -633,6 +640,15 @@ impl ClientSession {
     fn malformed(&mut self, kind: Kind, error: DecodeError) {
         self.events.push_back(Event::Malformed { kind, error });
     }
+}
+
+/// What a kept copy of `msg` holds on the heap (its strings, at most; borrowed ones count too).
+fn heap_bytes(msg: &Message<'_>) -> usize {
+    let uid = |u: &Option<UserId<'_>>| u.as_ref().map_or(0, |u| u.as_str().len());
+    msg.text().map_or(0, str::len)
+        + uid(&msg.from)
+        + uid(&msg.to)
+        + msg.fp.as_ref().map_or(0, |fp| fp.as_str().len())
 }
 
 /// The login response document of a type-50 message, structured or as text.

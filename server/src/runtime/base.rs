@@ -303,7 +303,9 @@ impl<S> Outbox for Io<'_, S> {
 
     fn mail(&mut self, core: CoreId, msg: ShardMsg) {
         debug_assert_ne!(core, self.core);
-        self.outgoing.send(core, Mail::Shard(msg));
+        // Refused mail is counted by the mesh and has a defined outcome for its sender (see
+        // `mesh`): a relayed message stays unacknowledged, a datagram or UDP login is lost.
+        let _ = self.outgoing.send(core, Mail::Shard(msg));
     }
 }
 

@@ -249,7 +249,9 @@ impl EpollCore {
             conn: conn.state,
             adopt,
         };
-        self.base
+        // A migrating connection is never refused (not refusable mail, see `mesh`).
+        let _ = self
+            .base
             .outgoing
             .send(core, Mail::Adopt(Box::new(migrant)));
     }

@@ -24,6 +24,7 @@ pub mod uring;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -31,6 +32,7 @@ use std::time::Instant;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServerConfig};
+use imedge_protocol::qos::receiver::TRANSIT_MARGIN;
 use imedge_protocol::UserId;
 
 use crate::hooks::{Command, ServerEvents};
@@ -333,6 +335,10 @@ impl ControlApi {
             total.0.merge(&stats);
             total.1 += online;
         }
+        let mesh = &self.0;
+        total.0.mail_refused = mesh.refused.load(Ordering::Relaxed);
+        total.0.mail_dropped = mesh.dropped.load(Ordering::Relaxed);
+        total.0.mail_backlog_peak = mesh.control_backlog_peak.load(Ordering::Relaxed);
         total
     }
 }
@@ -621,6 +627,8 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         Instant::now(),
     ));
     let presence = Arc::new(Presence::new(cores));
+    // One secret for the QoS tables' keys per process, shared by every core.
+    let qos_keys = imedge_protocol::qos::QosKeyHasher::random();
     let mut threads = Vec::with_capacity(cores);
     let (ready, setups) = mpsc::channel();
     let sockets = tcp.into_iter().zip(ws).zip(udp);
@@ -631,6 +639,16 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         shard_config.udp_idle = config.udp_idle;
         shard_config.ws_idle = config.ws_idle;
         shard_config.server_timestamps = config.server_timestamps;
+        shard_config.qos_keys = qos_keys.clone();
+        shard_config.qos = config.qos;
+        shard_config.max_message_bytes = config.max_message_bytes;
+        shard_config.session_msg_rate = config.session_msg_rate;
+        shard_config.session_msg_burst = config.session_msg_burst;
+        // The window covers the longest a copy can keep coming under this schedule, if longer
+        // than the default (a deployment that resends more usually has clients that do too).
+        shard_config.dedup = shard_config
+            .dedup
+            .covering(config.qos.holding_time(), TRANSIT_MARGIN);
         let listeners = Listeners { tcp, ws, udp };
         let ready = ready.clone();
         let hooks = Arc::clone(&hooks);

@@ -7,8 +7,15 @@
 //! * R4 — the duplicate-login decision is made before anything is sent: a newcomer that loses
 //!   (older `firstLoginTime`) gets its kickout and no `code: 0` response first.
 //! * S5 — a UDP session kicked by a duplicate login is logged out, not left authenticated.
+//!
+//! Before verify, a login is refused (code [`ERROR_INVALID_MESSAGE`], counted) when its uid is
+//! longer than [`MAX_USER_ID_LEN`](imedge_protocol::message::MAX_USER_ID_LEN), or is `"0"`, the
+//! server's own id: a user "0" would receive the ACKs and C2S traffic meant for the server.
 
-use imedge_protocol::message::payload::{LoginRequest, LoginResponse, KICKOUT_DUPLICATE_LOGIN};
+use imedge_protocol::message::check_user_id;
+use imedge_protocol::message::payload::{
+    LoginRequest, LoginResponse, ERROR_INVALID_MESSAGE, KICKOUT_DUPLICATE_LOGIN,
+};
 use imedge_protocol::session::Transport;
 use imedge_protocol::Message;
 
@@ -47,7 +54,15 @@ impl Shard {
             transport,
             peer,
         };
-        let code = self.hooks.verify(&login, info);
+        let too_long = check_user_id(login.user_id.as_str()).is_err();
+        if too_long {
+            self.stats.ids_too_long += 1;
+        }
+        let code = if too_long || login.user_id.is_server() {
+            ERROR_INVALID_MESSAGE
+        } else {
+            self.hooks.verify(&login, info)
+        };
         if code != 0 {
             // Step 4: refused. TCP/WS are closed after the reply; a UDP client keeps whatever
             // state it had.

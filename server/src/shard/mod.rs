@@ -27,8 +27,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use imedge_protocol::message::payload::{ErrorResponse, LoginRequest, ERROR_NOT_LOGGED_IN};
-use imedge_protocol::qos::{QosEvent, QosReceiver, QosReceiverConfig, QosSender, QosSenderConfig};
+use imedge_protocol::message::payload::{
+    ErrorResponse, LoginRequest, ERROR_INVALID_MESSAGE, ERROR_NOT_LOGGED_IN,
+};
+use imedge_protocol::qos::{
+    QosEvent, QosKey, QosKeyHasher, QosReceiver, QosReceiverConfig, QosSender, QosSenderConfig,
+};
 use imedge_protocol::session::Transport;
 use imedge_protocol::{Decoder, Fingerprint, Kind, Message, UserId};
 
@@ -42,6 +46,21 @@ const ENCODE_ROOM: usize = 1024;
 /// Size of the allocations the relay encoding buffer takes. Messages encoded one after another
 /// share one; a message kept for a resend keeps its whole chunk alive, so the chunk stays small.
 const ENCODE_CHUNK: usize = 4096;
+
+/// Default of `--max-message-bytes`: the reference's TCP frame limit (SPEC §1.1), which the Java
+/// TCP SDK also applies to the frames it reads — a larger relay would be dropped by its SDK,
+/// resent, reported lost and, once stored, redelivered at every login forever.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = imedge_protocol::frame::tcp::DEFAULT_MAX_BODY;
+
+/// Default of `--session-msg-rate`: data messages (type 2) per second a session may send,
+/// sustained. A person chatting sends a few per second at most and the Java SDK's resends add
+/// at most two copies of each; 200/s is far above any client and still caps what one session can
+/// make the server relay, store and de-duplicate.
+pub const DEFAULT_SESSION_MSG_RATE: u32 = 200;
+
+/// Default of `--session-msg-burst`: data messages a session may send at once before the rate
+/// applies (an app flushing its outbox after a reconnect, the SDK resending a batch).
+pub const DEFAULT_SESSION_MSG_BURST: u32 = 400;
 
 /// Index of a core (and of its shard).
 pub type CoreId = u16;
@@ -101,6 +120,25 @@ pub struct ShardConfig {
     pub qos: QosSenderConfig,
     /// De-duplication window of C2S and C2C fingerprints (SPEC §8.5).
     pub dedup: QosReceiverConfig,
+    /// Largest C2C message relayed, in bytes of its encoding as it goes to the recipient (with
+    /// `from` overwritten and `sm` stamped). One rule for every transport, checked at the
+    /// sender's ingress whatever the recipient's transport, since the recipient may be offline
+    /// or on another core: a larger message is refused — not relayed, not stored, no ACK (the
+    /// sender's SDK reports it lost), an error 4 to the sender, counted in `too_large`. The
+    /// default suits TCP and WebSocket recipients; Java UDP clients read only 1024 bytes per
+    /// datagram (SPEC §1.2), so a deployment with them sets 1024.
+    pub max_message_bytes: usize,
+    /// Data messages (type 2) per second a session may send, sustained (0 = no limit). Past it
+    /// they are dropped without an ACK — the SDK resends them later or reports them lost —
+    /// and counted in `rate_limited`. Keep-alives, ACKs and logins do not count: ACKs answer
+    /// what the server sends (a drain of stored messages), and refusing them would only cause
+    /// resends.
+    pub session_msg_rate: u32,
+    /// Data messages a session may send in a burst before `session_msg_rate` applies.
+    pub session_msg_burst: u32,
+    /// Secret of the QoS tables' compact keys: one per process, drawn at start-up, so a client
+    /// cannot choose fingerprints that collide.
+    pub qos_keys: QosKeyHasher,
 }
 
 impl ShardConfig {
@@ -114,7 +152,11 @@ impl ShardConfig {
             ws_idle: Transport::Ws.default_server_idle_timeout(),
             server_timestamps: false,
             qos: QosSenderConfig::SERVER,
-            dedup: QosReceiverConfig::default(),
+            dedup: QosReceiverConfig::SERVER,
+            qos_keys: QosKeyHasher::random(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            session_msg_rate: DEFAULT_SESSION_MSG_RATE,
+            session_msg_burst: DEFAULT_SESSION_MSG_BURST,
         }
     }
 
@@ -196,6 +238,9 @@ pub enum ShardMsg {
     Delivered(route::Receipt),
     /// A [`Command`] for a user of the receiving shard.
     Command(Command),
+    /// A message lost by the resend table of the receiving shard is now stored: deliver `uid`'s
+    /// stored messages again if the user is still online.
+    Redrain(UserId<'static>),
 }
 
 /// Why a timer was set.
@@ -226,6 +271,40 @@ struct Session {
     kickout_code: Option<i32>,
     /// UDP: the core whose socket receives this client's datagrams (replies go out from ours).
     via: CoreId,
+    /// The session's data-message allowance (`session_msg_rate`).
+    allowance: TokenBucket,
+}
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second, one taken per message.
+#[derive(Debug, Clone, Copy)]
+struct TokenBucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    fn full(burst: u32, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            refilled: now,
+        }
+    }
+
+    /// Takes a token if there is one. A `rate` of 0 means no limit.
+    fn take(&mut self, now: Instant, rate: u32, burst: u32) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(f64::from(burst.max(1)));
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 /// Per-shard counters, merged by the reporter.
@@ -247,8 +326,33 @@ pub struct Stats {
     pub lost: u64,
     /// Inputs that failed to decode.
     pub malformed: u64,
-    /// QoS messages sent without a resend entry because the resend table was full.
-    pub untracked: u64,
+    /// QoS messages not written because the resend table was full (C2C: refused, no ACK; S2C:
+    /// reported lost and stored).
+    pub qos_table_full: u64,
+    /// Data messages dropped (no ACK) because their session passed `session_msg_rate`.
+    pub rate_limited: u64,
+    /// Keys the de-duplication windows forgot early because a window reached its byte bound
+    /// (`QosReceiverConfig::max_bytes`): a late duplicate of one of them would be delivered again.
+    pub dedup_evicted: u64,
+    /// Bytes held by the QoS tables (resend table and both windows) when the counters were
+    /// read: a gauge, summed over shards by `merge`.
+    pub qos_bytes: u64,
+    /// C2C messages refused because their relay was larger than `max_message_bytes`.
+    pub too_large: u64,
+    /// Messages stored because the server's resends to a recipient who is still online ran
+    /// out, and delivered again from the store.
+    pub redrained: u64,
+    /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
+    /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
+    pub ids_too_long: u64,
+    /// Mail between cores refused because the target's inbox and the sender's overflow were
+    /// full (relays unacknowledged, datagrams and UDP logins lost); server-wide, filled in by
+    /// the control API.
+    pub mail_refused: u64,
+    /// Mail from outside the loops dropped after waiting for a full inbox; server-wide.
+    pub mail_dropped: u64,
+    /// The most mail any core held back for one target at once; server-wide.
+    pub mail_backlog_peak: u64,
     /// The connection layer's limits hit on this core (filled in by the loop).
     pub conn: crate::runtime::conn::ConnStats,
 }
@@ -264,7 +368,13 @@ impl Stats {
         self.resent += other.resent;
         self.lost += other.lost;
         self.malformed += other.malformed;
-        self.untracked += other.untracked;
+        self.qos_table_full += other.qos_table_full;
+        self.redrained += other.redrained;
+        self.too_large += other.too_large;
+        self.rate_limited += other.rate_limited;
+        self.dedup_evicted += other.dedup_evicted;
+        self.qos_bytes += other.qos_bytes;
+        self.ids_too_long += other.ids_too_long;
         self.conn.merge(&other.conn);
     }
 }
@@ -298,7 +408,7 @@ pub struct Shard {
     /// UDP clients that reach this core's socket but whose sessions live on another shard.
     udp_routes: HashMap<SocketAddr, CoreId>,
     /// Server-sent QoS messages waiting for their ACK, keyed by recipient and fingerprint.
-    resend: QosSender<Pending>,
+    resend: QosSender<Pending, QosKey>,
     /// C2S fingerprints already handled, keyed by sender and fingerprint (SPEC §8.5).
     dedup: QosReceiver,
     /// C2C fingerprints already delivered or stored, keyed by sender and fingerprint (hazard R2).
@@ -319,6 +429,9 @@ pub struct Shard {
     encoded: BytesMut,
     /// Users whose stored messages are being delivered, a page at a time.
     drains: HashMap<UserId<'static>, offline::Drain>,
+    /// Stored messages delivered and acknowledged whose removal the store may not have
+    /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
+    removing: offline::Removing,
     stats: Stats,
 }
 
@@ -332,17 +445,22 @@ impl std::fmt::Debug for Shard {
     }
 }
 
-/// Key of the resend and dedup tables: fingerprints are chosen by clients, so they are only
-/// unique per user (hazard S3: an ACK clears only messages addressed to the user who sends it).
-fn qos_key(uid: &str, fp: &str) -> String {
-    let mut key = String::with_capacity(uid.len() + 1 + fp.len());
-    key.push_str(uid);
-    key.push('\n');
-    key.push_str(fp);
-    key
+impl Pending {
+    /// What the entry holds on the heap, for the resend table's byte bound. The encoded message
+    /// may share a larger chunk with others (`ENCODE_CHUNK`); only its own length is counted.
+    fn heap_bytes(&self) -> usize {
+        self.to.as_str().len() + self.from.as_str().len() + self.fp.as_str().len() + self.json.len()
+    }
 }
 
 impl Shard {
+    /// Key of the resend and dedup tables: fingerprints are chosen by clients, so they are only
+    /// unique per user (hazard S3: an ACK clears only messages addressed to the user who sends
+    /// it).
+    fn qos_key(&self, uid: &str, fp: &str) -> QosKey {
+        self.config.qos_keys.key(uid, fp)
+    }
+
     /// A shard with no sessions.
     pub fn new(config: ShardConfig, hooks: Arc<dyn ServerEvents>, now: Instant) -> Self {
         let (core, cores) = (config.core, config.cores);
@@ -366,6 +484,7 @@ impl Shard {
             qos_timer: None,
             encoded: BytesMut::new(),
             drains: HashMap::new(),
+            removing: offline::Removing::default(),
             stats: Stats::default(),
         }
     }
@@ -404,9 +523,13 @@ impl Shard {
             .unwrap_or_else(|| Api::new(Arc::clone(&self.presence)))
     }
 
-    /// This shard's counters.
+    /// This shard's counters, with the QoS tables' own.
     pub fn stats(&self) -> Stats {
-        self.stats
+        let mut stats = self.stats;
+        stats.dedup_evicted = self.dedup.stats().evicted_keys + self.c2c_done.stats().evicted_keys;
+        let bytes = self.resend.bytes() + self.dedup.bytes() + self.c2c_done.bytes();
+        stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        stats
     }
 
     /// Number of logged-in users whose session is on this shard.
@@ -564,6 +687,7 @@ impl Shard {
             ShardMsg::Deliver(delivery) => self.deliver(now, delivery, out),
             ShardMsg::Delivered(receipt) => self.on_receipt(now, receipt, out),
             ShardMsg::Command(command) => self.run_command(now, command, out),
+            ShardMsg::Redrain(uid) => self.redrain(now, &uid, out),
         }
     }
 
@@ -674,6 +798,7 @@ impl Shard {
                 idle_timer,
                 kickout_code: None,
                 via: self.config.core,
+                allowance: TokenBucket::full(self.config.session_msg_burst, now.mono),
             },
         );
         if let Some(previous) = previous {
@@ -749,6 +874,16 @@ impl Shard {
         out: &mut dyn Outbox,
     ) {
         let logged_in = self.info(endpoint);
+        if let Err(error) = msg.check_id_lengths() {
+            self.refuse_invalid(now, endpoint, logged_in.is_some(), &error.to_string(), out);
+            self.stats.ids_too_long += 1;
+            return;
+        }
+        if msg.kind == Kind::CommonData && logged_in.is_some() && !self.allow_data(now, endpoint) {
+            // No ACK: the sender's SDK resends it later, or reports it lost.
+            self.stats.rate_limited += 1;
+            return;
+        }
         match (msg.kind, logged_in) {
             (Kind::Login, _) => self.on_login(now, endpoint, msg, out),
             (Kind::Echo, _) => {
@@ -780,6 +915,41 @@ impl Shard {
             }
             // Any other type is ignored, session kept (SPEC §3).
             _ => {}
+        }
+    }
+
+    /// Takes a token from the session's data-message allowance (`session_msg_rate`).
+    fn allow_data(&mut self, now: Now, endpoint: Endpoint) -> bool {
+        let (rate, burst) = (self.config.session_msg_rate, self.config.session_msg_burst);
+        self.sessions
+            .get_mut(&endpoint)
+            .is_none_or(|s| s.allowance.take(now.mono, rate, burst))
+    }
+
+    /// Refuses a message the server will not take (an id too long, too large to relay): no ACK,
+    /// an error 4 "invalid message object" with a short fixed reason (never the request's
+    /// content), and for a TCP/WS connection that is not logged in, a close. A logged-in session
+    /// stays: its SDK reports the message lost after its resends. An unauthenticated UDP source
+    /// gets no reply at all (no reflection, SPEC S4).
+    fn refuse_invalid(
+        &mut self,
+        now: Now,
+        endpoint: Endpoint,
+        logged_in: bool,
+        reason: &str,
+        out: &mut dyn Outbox,
+    ) {
+        tracing::debug!(?endpoint, reason, "message refused");
+        if !logged_in && matches!(endpoint, Endpoint::Udp(_)) {
+            return;
+        }
+        let reply = Message::error(ErrorResponse {
+            code: ERROR_INVALID_MESSAGE,
+            message: Some(reason.into()),
+        });
+        self.send(now, endpoint, reply, out);
+        if let (false, Endpoint::Conn(conn)) = (logged_in, endpoint) {
+            out.close(conn);
         }
     }
 
@@ -847,7 +1017,7 @@ impl Shard {
         let Some(fp) = msg.text() else {
             return;
         };
-        if let Some(item) = self.resend.handle_ack(&qos_key(uid.as_str(), fp)) {
+        if let Some(item) = self.resend.handle_ack(&self.qos_key(uid.as_str(), fp)) {
             self.hooks.on_s2c_delivered(uid.as_str(), fp);
             self.stored_acked(now, &item, out);
         }

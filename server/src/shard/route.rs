@@ -7,6 +7,13 @@
 //!   (or stored) is ACKed again but not forwarded again.
 //! * S3 — server resend entries are keyed by (recipient, fingerprint): an ACK clears only
 //!   messages addressed to the user who sends it.
+//!
+//! Acknowledged means durable or delivered (issue 9 §3): a QoS message is written to an online
+//! recipient only once it has a resend entry. When the resend table is full (entries or bytes)
+//! a C2C message is refused — not written, no substitute ACK, counted in `qos_table_full` — so
+//! the sender's SDK resends it a few seconds later or reports it lost; it is never ACKed and then
+//! dropped. An S2C message from the application takes the path of a lost one (the `on_s2c_lost`
+//! hook, and the offline store when there is one).
 
 use std::net::SocketAddr;
 
@@ -15,7 +22,7 @@ use imedge_protocol::qos::Seen;
 use imedge_protocol::session::Transport;
 use imedge_protocol::{Fingerprint, Message, UserId};
 
-use super::{qos_key, shard_for, CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg};
+use super::{shard_for, CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg};
 use crate::hooks::{SessionInfo, Undelivered};
 
 /// An encoded message on its way to its recipient's shard.
@@ -87,9 +94,8 @@ impl Shard {
                 return;
             }
             if let Some(fp) = &fp {
-                let seen = self
-                    .dedup
-                    .handle_message(now.mono, &qos_key(uid.as_str(), fp.as_str()));
+                let key = self.qos_key(uid.as_str(), fp.as_str());
+                let seen = self.dedup.handle_message(now.mono, key);
                 let ack = Message::ack(UserId::SERVER, uid.borrowed(), fp.borrowed(), msg.bridge);
                 self.send(now, endpoint, ack, out);
                 if seen == Seen::Duplicate {
@@ -107,7 +113,10 @@ impl Shard {
             return;
         }
         if let Some(fp) = &fp {
-            if self.c2c_done.contains(&qos_key(uid.as_str(), fp.as_str())) {
+            if self
+                .c2c_done
+                .contains(self.qos_key(uid.as_str(), fp.as_str()))
+            {
                 // Already delivered or stored: ACK the resend again, do not forward it twice.
                 let to = msg.to.clone().unwrap_or(UserId::UNKNOWN);
                 let ack = Message::ack(to, uid.borrowed(), fp.borrowed(), msg.bridge);
@@ -118,13 +127,20 @@ impl Shard {
         if self.config.server_timestamps {
             msg.sm = now.epoch_ms;
         }
+        let json = self.encode_once(&msg);
+        if json.len() > self.config.max_message_bytes {
+            // See `ShardConfig::max_message_bytes`: refused here, before any table or store.
+            self.stats.too_large += 1;
+            self.refuse_invalid(now, endpoint, true, "message too large to relay", out);
+            return;
+        }
         let delivery = Delivery {
             from: uid.clone(),
             to: msg.to.clone().map(UserId::into_owned),
             fp: fp.map(Fingerprint::into_owned),
             qos: msg.qos && msg.fp.is_some(),
             bridge: msg.bridge,
-            json: self.encode_once(&msg),
+            json,
             reply_to: Some(self.config.core),
         };
         let target = delivery.to.as_ref().map_or(self.config.core, |to| {
@@ -146,8 +162,6 @@ impl Shard {
             .copied();
         let outcome = match (endpoint, &delivery.to) {
             (Some(endpoint), Some(to)) => {
-                out.send_json(endpoint, &delivery.json);
-                self.stats.delivered += 1;
                 if let (true, Some(fp)) = (delivery.qos, &delivery.fp) {
                     let pending = Pending {
                         to: to.clone(),
@@ -156,12 +170,22 @@ impl Shard {
                         json: delivery.json.clone(),
                         seq: None,
                     };
-                    let key = Fingerprint::from(qos_key(to.as_str(), fp.as_str()));
-                    if self.resend.insert(now.mono, key, pending).is_err() {
+                    let key = self.qos_key(to.as_str(), fp.as_str());
+                    let heap = pending.heap_bytes();
+                    if let Err(pending) = self.resend.insert(now.mono, key, pending, heap) {
                         // Per message, so counted rather than logged.
-                        self.stats.untracked += 1;
+                        self.stats.qos_table_full += 1;
+                        if delivery.from.is_server() {
+                            self.hooks
+                                .on_s2c_lost(to.as_str(), fp.as_str(), &delivery.json);
+                            self.store_lost(now, &pending, out);
+                        }
+                        // C2C: no receipt, so no ACK; the sender's SDK resends it.
+                        return;
                     }
                 }
+                out.send_json(endpoint, &delivery.json);
+                self.stats.delivered += 1;
                 if !delivery.from.is_server() {
                     let fp = delivery.fp.as_ref().map(Fingerprint::as_str);
                     self.hooks
@@ -213,8 +237,8 @@ impl Shard {
             // As the reference demo: no ACK; the sender's QoS retries and reports it lost.
             return;
         }
-        let key = qos_key(receipt.from.as_str(), receipt.fp.as_str());
-        self.c2c_done.handle_message(now.mono, &key);
+        let key = self.qos_key(receipt.from.as_str(), receipt.fp.as_str());
+        self.c2c_done.handle_message(now.mono, key);
         let Some(&endpoint) = self.online.get(&receipt.from) else {
             return;
         };

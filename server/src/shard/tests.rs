@@ -107,16 +107,22 @@ fn peer(port: u16) -> SocketAddr {
 
 impl World {
     fn new(cores: usize, hooks: Arc<dyn ServerEvents>) -> Self {
+        Self::with_config(cores, hooks, |_| {})
+    }
+
+    /// A world whose shards' settings are the defaults changed by `tune`.
+    fn with_config(
+        cores: usize,
+        hooks: Arc<dyn ServerEvents>,
+        tune: impl Fn(&mut ShardConfig),
+    ) -> Self {
         let mono = Instant::now();
         let presence = Arc::new(Presence::new(cores));
         let shards = (0..cores)
             .map(|core| {
-                Shard::new(
-                    ShardConfig::new(core as CoreId, cores),
-                    Arc::clone(&hooks),
-                    mono,
-                )
-                .with_presence(Arc::clone(&presence))
+                let mut config = ShardConfig::new(core as CoreId, cores);
+                tune(&mut config);
+                Shard::new(config, Arc::clone(&hooks), mono).with_presence(Arc::clone(&presence))
             })
             .collect();
         Self {
@@ -838,4 +844,356 @@ fn hooks_see_who_is_online_on_every_core() {
             (bob.clone(), false),
         ]
     );
+}
+
+fn error_code(msg: &Message<'_>) -> i32 {
+    assert_eq!(msg.kind, Kind::Error);
+    Decoder::new()
+        .error_response(msg.text().unwrap())
+        .unwrap()
+        .code
+}
+
+#[test]
+fn messages_with_too_long_ids_are_refused_without_ack() {
+    use imedge_protocol::message::payload::ERROR_INVALID_MESSAGE;
+    use imedge_protocol::message::{MAX_FINGERPRINT_LEN, MAX_USER_ID_LEN};
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(1, probe.clone());
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(a));
+    w.take(conn(b));
+
+    // A fingerprint one byte too long, C2S and C2C: no ACK, no delivery, an error 4, session kept.
+    let long_fp = "f".repeat(MAX_FINGERPRINT_LEN + 1);
+    w.frame(a, &data("alice", "0", "hi", Some(&long_fp)));
+    w.frame(a, &data("alice", "bob", "hi", Some(&long_fp)));
+    let replies = w.take(conn(a));
+    assert_eq!(replies.len(), 2);
+    assert!(replies
+        .iter()
+        .all(|r| error_code(r) == ERROR_INVALID_MESSAGE));
+    // The reason is short and does not reflect the request.
+    assert!(replies.iter().all(|r| r.to_json().len() < 200));
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 0);
+    // A recipient id too long.
+    w.frame(
+        a,
+        &data("alice", &"b".repeat(MAX_USER_ID_LEN + 1), "hi", Some("fp")),
+    );
+    assert_eq!(error_code(&w.take(conn(a))[0]), ERROR_INVALID_MESSAGE);
+    assert!(w.closed.is_empty());
+    assert_eq!(w.shards[0].stats().ids_too_long, 3);
+    // At the limits, accepted.
+    let fp = "f".repeat(MAX_FINGERPRINT_LEN);
+    w.frame(a, &data("alice", "bob", "hi", Some(&fp)));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    assert_eq!(w.take(conn(a))[0].kind, Kind::Ack);
+
+    // From an unauthenticated UDP source: dropped without any reply (no reflection).
+    w.datagram(0, peer(9), &data(&"x".repeat(1000), "y", "hi", None));
+    assert!(w.take(Endpoint::Udp(peer(9))).is_empty());
+    // From an unauthenticated connection: error, then closed.
+    let c = w.open(0, 3, Transport::Ws);
+    w.frame(c, &data("c", "bob", "hi", Some(&long_fp)));
+    assert_eq!(error_code(&w.take(conn(c))[0]), ERROR_INVALID_MESSAGE);
+    assert_eq!(w.closed, vec![c]);
+    assert_eq!(w.shards[0].stats().ids_too_long, 5);
+}
+
+#[test]
+fn logins_with_a_too_long_uid_or_as_the_server_are_refused() {
+    use imedge_protocol::message::payload::ERROR_INVALID_MESSAGE;
+    use imedge_protocol::message::MAX_USER_ID_LEN;
+    let probe = Arc::new(Probe::default());
+    let mut w = World::new(1, probe.clone());
+    let long = "u".repeat(MAX_USER_ID_LEN + 1);
+
+    // The envelope's `from` (the SDK's own uid) too long: refused at ingress.
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, &long, 0);
+    assert_eq!(error_code(&w.take(conn(a))[0]), ERROR_INVALID_MESSAGE);
+    assert_eq!(w.closed, vec![a]);
+
+    // Only `loginUserId` too long: the login is refused with code 4.
+    let b = w.open(0, 2, Transport::Tcp);
+    let mut msg = login(&long, 0);
+    msg.from = Some(UserId::new("short"));
+    w.frame(b, &msg);
+    let reply = w.take(conn(b));
+    assert_eq!(login_response(&reply[0]).code, ERROR_INVALID_MESSAGE);
+    assert_eq!(w.closed, vec![a, b]);
+    assert_eq!(w.shards[0].stats().ids_too_long, 2);
+
+    // Login as "0", the server's own id: refused before verify.
+    let c = w.open(0, 3, Transport::Tcp);
+    w.login(c, "0", 0);
+    assert_eq!(
+        login_response(&w.take(conn(c))[0]).code,
+        ERROR_INVALID_MESSAGE
+    );
+    assert_eq!(w.closed, vec![a, b, c]);
+    assert!(!w.shards[0].is_online("0"));
+    assert!(!w.shards[0].is_online(&long));
+    assert_eq!(probe.verifies.load(Ordering::SeqCst), 0);
+    assert_eq!(w.shards[0].stats().logins_refused, 2);
+    assert_eq!(w.shards[0].stats().logins, 0);
+}
+
+#[test]
+fn full_resend_table_refuses_c2c_without_ack() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| c.qos.max_pending = 1);
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(a));
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", "one", Some("fp-1")));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    assert_eq!(w.take(conn(a))[0].kind, Kind::Ack);
+    // The table is full: the second message is neither written nor ACKed.
+    w.frame(a, &data("alice", "bob", "two", Some("fp-2")));
+    assert!(w.take(conn(b)).is_empty());
+    assert!(w.take(conn(a)).is_empty());
+    assert_eq!(w.shards[0].stats().qos_table_full, 1);
+    // Without QoS nothing needs the table.
+    w.frame(a, &data("alice", "bob", "plain", None));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    // Bob ACKs the first: the sender's resend of the second goes through and is ACKed.
+    w.frame(b, &ack("bob", "alice", "fp-1"));
+    w.frame(a, &data("alice", "bob", "two", Some("fp-2")));
+    assert_eq!(w.take(conn(b))[0].text(), Some("two"));
+    assert_eq!(w.take(conn(a))[0].kind, Kind::Ack);
+}
+
+#[test]
+fn full_resend_table_takes_s2c_to_the_lost_path() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| c.qos.max_pending = 0);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    let send = Command::Send {
+        to: UserId::new("bob"),
+        text: "from the app".into(),
+        typeu: -1,
+        qos: true,
+    };
+    w.on(0, |shard, now, out| shard.command(now, send, out));
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(*probe.lost.lock().unwrap(), vec!["bob".to_owned()]);
+    assert_eq!(w.shards[0].stats().qos_table_full, 1);
+}
+
+#[test]
+fn resends_to_an_online_recipient_that_run_out_are_stored_and_redelivered() {
+    let store = TestStore::new("redrain");
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", "hello", Some("fp-r")));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    // One resend, then lost at the next tick (SPEC §8.4): stored.
+    w.advance(Duration::from_secs(11));
+    assert_eq!(w.take(conn(b)).len(), 1, "the reference's single resend");
+    store.wait_stored("bob", 1);
+    // Once committed, bob (still online) gets it again from the store, without a new login.
+    store.settle(&mut w, 1);
+    let again = w.take(conn(b));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].text(), Some("hello"));
+    assert_eq!(again[0].fp.as_ref().unwrap().as_str(), "fp-r");
+    assert_eq!(w.shards[0].stats().redrained, 1);
+    // His ACK now removes it from the store.
+    w.frame(b, &ack("bob", "alice", "fp-r"));
+    store.wait_stored("bob", 0);
+}
+
+#[test]
+fn qos_resends_and_interval_are_configurable() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| {
+        c.qos.max_resends = 4;
+        c.qos.check_interval = Duration::from_millis(500);
+    });
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", "hi", Some("fp-c")));
+    assert_eq!(w.take(conn(b)).len(), 1);
+    // Grace 2 s, then a resend every 500 ms: four by 4 s, lost at the fifth tick.
+    w.advance(Duration::from_millis(4_100));
+    assert_eq!(w.take(conn(b)).len(), 4);
+    assert!(probe.lost.lock().unwrap().is_empty());
+    w.advance(Duration::from_millis(500));
+    assert_eq!(*probe.lost.lock().unwrap(), vec!["bob".to_owned()]);
+    assert_eq!(w.shards[0].stats().resent, 4);
+}
+
+#[test]
+fn c2c_larger_than_max_message_bytes_is_refused_at_the_sender() {
+    use imedge_protocol::message::payload::ERROR_INVALID_MESSAGE;
+    let probe = Arc::new(Probe {
+        store_offline: true,
+        ..Probe::default()
+    });
+    let mut w = World::new(1, probe.clone());
+    let a = w.open(0, 1, Transport::Ws);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(a));
+    w.take(conn(b));
+    // The relay of this one is exactly the limit: relayed and ACKed.
+    let probe_len = data("alice", "bob", "", Some("fp-1")).to_json().len();
+    let fits = "x".repeat(DEFAULT_MAX_MESSAGE_BYTES - probe_len);
+    w.frame(a, &data("alice", "bob", &fits, Some("fp-1")));
+    let got = w.take(conn(b));
+    assert_eq!(got[0].to_json().len(), DEFAULT_MAX_MESSAGE_BYTES);
+    assert_eq!(w.take(conn(a))[0].kind, Kind::Ack);
+    // One byte more: refused at the sender, to an online and to an offline recipient alike.
+    let big = format!("{fits}y");
+    w.frame(a, &data("alice", "bob", &big, Some("fp-2")));
+    w.frame(a, &data("alice", "carol", &big, Some("fp-3")));
+    assert!(w.take(conn(b)).is_empty());
+    let replies = w.take(conn(a));
+    assert_eq!(replies.len(), 2);
+    assert!(replies
+        .iter()
+        .all(|r| error_code(r) == ERROR_INVALID_MESSAGE));
+    assert!(probe.stored.lock().unwrap().is_empty());
+    assert_eq!(w.shards[0].stats().too_large, 2);
+    assert!(w.closed.is_empty());
+    // From a UDP session too.
+    let dave = Endpoint::Udp(peer(7));
+    w.datagram(0, peer(7), &login("dave", 0));
+    w.datagram(
+        0,
+        peer(7),
+        &data("dave", "bob", &format!("{big}yy"), Some("fp-4")),
+    );
+    let replies = w.take(dave);
+    assert_eq!(error_code(&replies[1]), ERROR_INVALID_MESSAGE);
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(w.shards[0].stats().too_large, 3);
+
+    // The limit is a setting.
+    let mut w = World::with_config(1, probe.clone(), |c| c.max_message_bytes = 1024);
+    let a = w.open(0, 1, Transport::Tcp);
+    let b = w.open(0, 2, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(a, &data("alice", "bob", &"z".repeat(1024), None));
+    assert!(w.take(conn(b)).is_empty());
+    assert_eq!(w.shards[0].stats().too_large, 1);
+}
+
+#[test]
+fn data_past_the_session_rate_is_dropped_without_ack() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| {
+        c.session_msg_rate = 10;
+        c.session_msg_burst = 20;
+    });
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.take(conn(a));
+    // A burst of 25 C2S messages at one instant: 20 ACKed and handled, 5 dropped silently.
+    for i in 0..25 {
+        w.frame(a, &data("alice", "0", "x", Some(&format!("fp-{i}"))));
+    }
+    assert_eq!(w.take(conn(a)).len(), 20);
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 20);
+    assert_eq!(w.shards[0].stats().rate_limited, 5);
+    // Keep-alives and ACKs are not limited.
+    w.frame(a, &Message::keep_alive(UserId::new("alice")));
+    assert_eq!(w.take(conn(a))[0].kind, Kind::KeepAliveResponse);
+    // After 0.5 s, 5 more tokens: the SDK's resends of the dropped ones go through.
+    w.advance(Duration::from_millis(500));
+    for i in 20..26 {
+        w.frame(a, &data("alice", "0", "x", Some(&format!("fp-{i}"))));
+    }
+    assert_eq!(w.take(conn(a)).len(), 5);
+    assert_eq!(w.shards[0].stats().rate_limited, 6);
+    // Sessions have their own allowance.
+    let b = w.open(0, 2, Transport::Ws);
+    w.login(b, "bob", 0);
+    w.take(conn(b));
+    w.frame(b, &data("bob", "0", "x", Some("fp-b")));
+    assert_eq!(w.take(conn(b)).len(), 1);
+}
+
+#[test]
+fn dedup_windows_are_bounded_in_bytes_and_count_evictions() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| {
+        c.dedup.max_bytes = 16 << 10;
+        c.session_msg_rate = 0;
+    });
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..5_000 {
+        w.frame(a, &data("alice", "0", "x", Some(&format!("fp-{i}"))));
+        if i % 500 == 0 {
+            w.advance(Duration::from_secs(5));
+        }
+    }
+    let stats = w.shards[0].stats();
+    assert!(stats.dedup_evicted > 0);
+    assert!(
+        stats.qos_bytes <= 2 * (16 << 10),
+        "{} bytes",
+        stats.qos_bytes
+    );
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 5_000);
+    // The newest is still known: its resend is ACKed, not handed to the application again.
+    w.frame(a, &data("alice", "0", "x", Some("fp-4999")));
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 5_000);
+}
+
+#[test]
+fn stored_messages_are_written_only_with_a_resend_entry() {
+    let store = TestStore::new("drain-full");
+    let mut w = world_with_store(1, &store);
+    for shard in &mut w.shards {
+        shard.resend = QosSender::new(
+            QosSenderConfig {
+                max_pending: 1,
+                ..QosSenderConfig::SERVER
+            },
+            w.now.mono,
+        );
+    }
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..3 {
+        w.frame(
+            a,
+            &data("alice", "carol", &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    store.settle(&mut w, 3);
+    store.wait_stored("carol", 3);
+    // Carol logs in: the table has room for one, so one is written; the others are not sent
+    // untracked, they stay stored.
+    let c = w.open(0, 2, Transport::Tcp);
+    w.login(c, "carol", 0);
+    let got: Vec<_> = w.take(conn(c)).into_iter().skip(1).collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].text(), Some("m0"));
+    assert_eq!(w.shards[0].stats().qos_table_full, 2);
+    w.frame(c, &ack("carol", "alice", "fp0"));
+    store.wait_stored("carol", 2);
 }

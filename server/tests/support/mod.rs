@@ -44,6 +44,9 @@ pub fn config(threads: usize) -> ServerConfig {
         // The reference's behaviour unless a test asks for the store: the offline hook decides.
         offline_store: false,
         data_dir: temp_dir("data"),
+        // Tests send bursts (a thousand messages at once) far beyond any person's: the per-session
+        // rate limit is off unless a test turns it on (`gateways::session_rate_limit_…`).
+        session_msg_rate: 0,
         ..ServerConfig::default()
     }
 }
@@ -78,6 +81,16 @@ impl Server {
             udp: handle.udp_addr.unwrap(),
             ws: handle.ws_addr.unwrap(),
             handle: Some(handle),
+        }
+    }
+
+    /// A server running elsewhere (another process) at these addresses: clients only.
+    pub fn at(tcp: SocketAddr, udp: SocketAddr, ws: SocketAddr) -> Self {
+        Self {
+            handle: None,
+            tcp,
+            udp,
+            ws,
         }
     }
 

@@ -740,7 +740,9 @@ impl UringCore {
                 conn: state,
                 adopt,
             };
-            self.base
+            // A migrating connection is never refused (not refusable mail, see `mesh`).
+            let _ = self
+                .base
                 .outgoing
                 .send(core, Mail::Adopt(Box::new(migrant)));
         }
