@@ -3,11 +3,11 @@
 //! timers and the UDP dispatch. The epoll and io_uring loops each drive one [`Base`]; they differ
 //! only in how bytes get in and out of the sockets.
 //!
-//! A backend calls, per turn: [`Base::process`] after it appended received bytes to a
-//! connection's `rx` (and performs the migration it may return), [`Base::datagram`] per UDP
-//! datagram, [`Base::drain_inbox`] until it returns `None` (registering each connection it hands
-//! over), [`Base::run_timers`], then writes the connections in [`Base::dirty`] and calls
-//! `outgoing.flush()`.
+//! The loop turn is written once, in [`run`], over the small [`Backend`] trait both backends
+//! implement (wait, handle the I/O found, resume accepting, adopt, flush, close all). Within
+//! their I/O they call [`Base::process`] after appending received bytes to a connection's `rx`
+//! (and perform the migration it may return), or [`Base::process_received`] on bytes parsed in
+//! place, and [`Base::datagram`] per UDP datagram.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -124,6 +124,63 @@ impl<S> std::fmt::Debug for Base<S> {
             .field("conns", &self.conns.len())
             .finish_non_exhaustive()
     }
+}
+
+/// What an I/O backend (epoll, io_uring) does in a loop turn; the turn itself is written once,
+/// in [`run`].
+pub trait Backend {
+    /// The backend's handle on a connection's socket.
+    type Sock;
+    /// The backend-independent state.
+    fn base(&mut self) -> &mut Base<Self::Sock>;
+    /// Waits for I/O, at most `timeout` (`None`: until something happens). The backend may
+    /// shorten it (epoll: datagrams left in the socket).
+    ///
+    /// # Errors
+    /// The wait itself failed (not for a signal or a timeout): the loop ends.
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Handles what the wait found: accepted connections, received bytes and datagrams (handed
+    /// to the shard through the base), finished sends.
+    fn handle_io(&mut self, now: Now);
+    /// Accepting may go on after a pause ([`Base::pause_accept`]).
+    fn resume_accepting(&mut self, now: Now);
+    /// Registers a connection that migrated here (from [`Base::drain_inbox`]).
+    fn adopt(&mut self, now: Now, migrant: Migrant);
+    /// Writes (or issues sends for) the connections in [`Base::dirty`], and closes those whose
+    /// close is due.
+    fn flush(&mut self, now: Now);
+    /// Shutdown: says goodbye on every connection and closes them.
+    fn close_all(&mut self);
+}
+
+/// Runs a core's loop until a [`Mail::Shutdown`] has been handled. A turn: wait (until the
+/// next timer, or not at all if work was left over) → I/O → flush what the I/O finished → resume
+/// accepting after a pause → the inbox → due timers → flush → wake the cores mailed.
+///
+/// # Errors
+/// The backend's wait failed.
+pub fn run<B: Backend>(mut backend: B) -> io::Result<()> {
+    while !backend.base().shutting_down {
+        let timeout = backend.base().wait_timeout();
+        backend.wait(timeout)?;
+        let now = now();
+        backend.handle_io(now);
+        // Carry out what the I/O finished — a close that waited for its last send, the rest of
+        // a partial send — before any mail is answered: a peer that saw its goodbye must not be
+        // reported online by a question asked after it.
+        backend.flush(now);
+        if backend.base().accept_pause_over(now) {
+            backend.resume_accepting(now);
+        }
+        while let Some(migrant) = backend.base().drain_inbox(now) {
+            backend.adopt(now, *migrant);
+        }
+        backend.base().run_timers(now);
+        backend.flush(now);
+        backend.base().outgoing.flush();
+    }
+    backend.close_all();
+    Ok(())
 }
 
 /// The time for this turn.

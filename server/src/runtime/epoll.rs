@@ -10,6 +10,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use imedge_protocol::frame::udp;
 use imedge_protocol::session::Transport;
@@ -18,7 +19,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::admit::{Admission, Ticket};
-use super::base::{self, Base, EMFILE, ENFILE};
+use super::base::{self, Backend, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant};
 use super::{Limits, Listeners};
@@ -52,6 +53,8 @@ pub struct EpollCore {
     udp_rx: Vec<u8>,
     /// The UDP socket was left readable at the end of the last turn.
     udp_more: bool,
+    /// What the last wait found.
+    events: Events,
 }
 
 impl std::fmt::Debug for EpollCore {
@@ -96,55 +99,16 @@ impl EpollCore {
             scratch: vec![0; READ_CHUNK],
             udp_rx: vec![0; udp::recv_buffer_len(limits.udp_max_datagram)],
             udp_more: false,
+            events: Events::with_capacity(EVENTS_CAPACITY),
         })
     }
 
     /// Runs until a [`Mail::Shutdown`] has been handled.
-    pub fn run(mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(EVENTS_CAPACITY);
-        while !self.base.shutting_down {
-            let mut timeout = self.base.wait_timeout();
-            if self.udp_more {
-                timeout = Some(std::time::Duration::ZERO);
-            }
-            if let Err(error) = self.poll.poll(&mut events, timeout) {
-                if error.kind() != io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
-            }
-            let now = base::now();
-            for event in &events {
-                match event.token() {
-                    TCP_LISTENER => self.accept(now, Transport::Tcp),
-                    WS_LISTENER => self.accept(now, Transport::Ws),
-                    UDP_SOCKET => self.udp_more = true,
-                    WAKER => {}
-                    Token(index) => {
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read(now, index);
-                        }
-                        if event.is_writable() {
-                            self.base.dirty.push(index);
-                        }
-                    }
-                }
-            }
-            if self.udp_more {
-                self.receive(now);
-            }
-            if self.base.accept_pause_over(now) {
-                self.accept(now, Transport::Tcp);
-                self.accept(now, Transport::Ws);
-            }
-            while let Some(migrant) = self.base.drain_inbox(now) {
-                self.adopt(now, *migrant);
-            }
-            self.base.run_timers(now);
-            self.flush(now);
-            self.base.outgoing.flush();
-        }
-        self.close_all();
-        Ok(())
+    ///
+    /// # Errors
+    /// `epoll_wait` failed.
+    pub fn run(self) -> io::Result<()> {
+        base::run(self)
     }
 
     fn accept(&mut self, now: Now, transport: Transport) {
@@ -376,5 +340,65 @@ impl EpollCore {
             self.close_now(now, index);
         }
         self.base.outgoing.flush();
+    }
+}
+
+impl Backend for EpollCore {
+    type Sock = TcpStream;
+
+    fn base(&mut self) -> &mut Base<TcpStream> {
+        &mut self.base
+    }
+
+    fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
+        if self.udp_more {
+            timeout = Some(Duration::ZERO);
+        }
+        match self.poll.poll(&mut self.events, timeout) {
+            Err(error) if error.kind() != io::ErrorKind::Interrupted => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    fn handle_io(&mut self, now: Now) {
+        // Taken out while its events are handled (an empty `Events` allocates nothing).
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        for event in &events {
+            match event.token() {
+                TCP_LISTENER => self.accept(now, Transport::Tcp),
+                WS_LISTENER => self.accept(now, Transport::Ws),
+                UDP_SOCKET => self.udp_more = true,
+                WAKER => {}
+                Token(index) => {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        self.read(now, index);
+                    }
+                    if event.is_writable() {
+                        self.base.dirty.push(index);
+                    }
+                }
+            }
+        }
+        self.events = events;
+        if self.udp_more {
+            self.receive(now);
+        }
+    }
+
+    fn resume_accepting(&mut self, now: Now) {
+        self.accept(now, Transport::Tcp);
+        self.accept(now, Transport::Ws);
+    }
+
+    fn adopt(&mut self, now: Now, migrant: Migrant) {
+        EpollCore::adopt(self, now, migrant);
+    }
+
+    fn flush(&mut self, now: Now) {
+        EpollCore::flush(self, now);
+    }
+
+    fn close_all(&mut self) {
+        EpollCore::close_all(self);
     }
 }
