@@ -47,6 +47,8 @@ impl Server {
             pin_threads: false,
             offline_store: false,
             data_dir,
+            // Closed-loop runs (`Rate::Max`) send far more per session than any client.
+            session_msg_rate: 0,
             ..ServerConfig::default()
         };
         let handle = runtime::start(&config, Arc::new(AllowAll)).unwrap();

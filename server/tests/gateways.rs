@@ -134,10 +134,15 @@ fn unlogged_sessions_get_301_and_echo_works_without_login() {
         let err = c.expect(Kind::Error);
         let doc = Decoder::new().error_response(err.text().unwrap()).unwrap();
         assert_eq!(doc.code, 301);
-        assert_eq!(
-            doc.message.as_deref().unwrap().as_bytes(),
-            &ka.to_json()[..]
-        );
+        if t == T::Udp {
+            // SPEC S4: nothing of the request is reflected to a UDP source (maybe spoofed).
+            assert_eq!(doc.message, None);
+        } else {
+            assert_eq!(
+                doc.message.as_deref().unwrap().as_bytes(),
+                &ka.to_json()[..]
+            );
+        }
         if t != T::Udp {
             c.expect_closed();
         }
@@ -288,4 +293,71 @@ fn control_api_sends_s2c_kicks_and_answers_questions() {
     assert_eq!((doc.code, doc.reason.as_deref()), (2, Some("bye now")));
     clients[0].expect_closed();
     assert_eq!(api.is_online(&users[0]), Some(false));
+}
+
+/// The error code of a type-52 reply.
+fn error_code(msg: &Message<'_>) -> i32 {
+    assert_eq!(msg.kind, Kind::Error, "got {msg:?}");
+    Decoder::new()
+        .error_response(msg.text().unwrap())
+        .unwrap()
+        .code
+}
+
+#[test]
+fn too_long_ids_and_too_large_messages_are_refused_on_every_transport() {
+    use imedge_protocol::message::payload::ERROR_INVALID_MESSAGE;
+    let mut cfg = config(2);
+    cfg.max_message_bytes = 1000;
+    let server = Server::with(cfg, std::sync::Arc::new(imedge_server::hooks::AllowAll));
+    let mut bob = server.connect(T::Tcp);
+    bob.login("bob");
+    for (i, t) in ALL.into_iter().enumerate() {
+        let uid = format!("sender{i}");
+        let mut c = server.connect(t);
+        c.login(&uid);
+        // A 65-byte fingerprint: an error 4 and no ACK.
+        c.send(&data(&uid, "0", "hi", Some(&"f".repeat(65))));
+        assert_eq!(error_code(&c.recv()), ERROR_INVALID_MESSAGE);
+        // A relay over --max-message-bytes: refused at the sender, bob gets nothing.
+        c.send(&data(&uid, "bob", &"x".repeat(1200), Some("big")));
+        assert_eq!(error_code(&c.recv()), ERROR_INVALID_MESSAGE);
+        c.expect_quiet();
+        // The session is kept and still works.
+        c.send(&data(&uid, "bob", "small", Some("small")));
+        assert_eq!(c.expect(Kind::Ack).text(), Some("small"));
+        assert_eq!(bob.expect(Kind::CommonData).text(), Some("small"));
+        bob.send(&ack("bob", &uid, "small"));
+    }
+    let stats = server.api().stats().0;
+    assert_eq!(stats.ids_too_long, 3);
+    assert_eq!(stats.too_large, 3);
+}
+
+#[test]
+fn session_rate_limit_drops_data_without_ack_on_every_transport() {
+    let mut cfg = config(1);
+    cfg.session_msg_rate = 1;
+    cfg.session_msg_burst = 5;
+    let server = Server::with(cfg, std::sync::Arc::new(imedge_server::hooks::AllowAll));
+    for (i, t) in ALL.into_iter().enumerate() {
+        let uid = format!("flood{i}");
+        let mut c = server.connect(t);
+        c.login(&uid);
+        for n in 0..20 {
+            c.send(&data(&uid, "0", "x", Some(&format!("fp-{n}"))));
+        }
+        // The burst is ACKed, the rest dropped silently (a token per second may come back in
+        // between on a slow machine, hence a range rather than exactly 5).
+        let mut acks = 0;
+        while let Recv::Message(msg) = c.recv_within(std::time::Duration::from_millis(500)) {
+            assert_eq!(msg.kind, Kind::Ack);
+            acks += 1;
+        }
+        assert!((5..20).contains(&acks), "{t:?}: {acks} ACKs");
+        // Keep-alives are not limited.
+        c.send(&Message::keep_alive(UserId::from(uid)));
+        c.expect(Kind::KeepAliveResponse);
+    }
+    assert!(server.api().stats().0.rate_limited >= 3);
 }

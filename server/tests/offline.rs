@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use imedge_protocol::frame::tcp;
-use imedge_protocol::{Decoder, Kind, Message};
+use imedge_protocol::{Decoder, Kind, Message, UserId};
 use imedge_server::hooks::AllowAll;
 use support::*;
 
@@ -22,6 +22,8 @@ fn with_store(threads: usize, dir: &std::path::Path) -> imedge_server::config::S
     let mut cfg = config(threads);
     cfg.offline_store = true;
     cfg.data_dir = dir.to_path_buf();
+    // These tests send thousands of messages back to back: no per-session rate limit.
+    cfg.session_msg_rate = 0;
     cfg
 }
 
@@ -95,10 +97,13 @@ fn a_thousand_stored_messages_keep_their_order_and_partial_delivery_resumes() {
     let mut carol = server.connect(T::Ws);
     carol.login("carol");
     let first = drain(&mut carol, "carol", 300);
-    // Give the server time to take the ACKs before the socket goes: closing with unread data
-    // makes the kernel reset the connection, and a reset discards whatever the server has not
-    // read yet (those messages would then, correctly, come again).
-    std::thread::sleep(Duration::from_millis(300));
+    // Make sure the server took the ACKs before the socket goes: closing with unread data makes
+    // the kernel reset the connection, and a reset discards whatever the server has not read
+    // yet (those messages would then, correctly, come again). The server answers frames in
+    // order, so once the keep-alive's answer is here every ACK before it was handled; what
+    // arrives before it is left unACKed and comes again at the next login.
+    carol.send(&Message::keep_alive(UserId::new("carol")));
+    while carol.recv().kind != Kind::KeepAliveResponse {}
     drop(carol);
     // Second login: the rest, in order, none twice (the ACKed 300 were removed; anything sent
     // but not ACKed comes again).
@@ -180,6 +185,8 @@ fn spawn(dir: &std::path::Path) -> (Child, u16) {
             "off",
         ])
         .args(["--threads", "2", "--no-pin", "true"])
+        // The kill -9 test streams 10,000 messages from one session at once.
+        .args(["--session-msg-rate", "0"])
         .arg("--data-dir")
         .arg(dir)
         .stdout(Stdio::piped())

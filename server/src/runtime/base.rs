@@ -9,6 +9,7 @@
 //! over), [`Base::run_timers`], then writes the connections in [`Base::dirty`] and calls
 //! `outgoing.flush()`.
 
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,10 +19,12 @@ use imedge_protocol::frame::udp;
 use imedge_protocol::Message;
 use slab::Slab;
 
-use super::conn::{ConnState, Next};
+use super::admit::{Admission, Refusal, Ticket};
+use super::conn::{ConnState, ConnStats, Next};
 use super::mesh::{Mail, Mesh, Migrant, Outgoing};
 use super::Limits;
 use crate::shard::{Adopt, ConnId, CoreId, Endpoint, Now, Outbox, Shard, ShardMsg};
+use crate::timer::{TimerKey, TimerWheel};
 
 /// Mail taken from the inbox per loop turn, so that one busy sender cannot starve the sockets.
 /// What is left is taken on the next turn without waiting.
@@ -31,6 +34,13 @@ pub const MAIL_PER_TURN: usize = 4096;
 /// long enough not to spin on a listener that stays readable, short enough to resume promptly
 /// once connections close.
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// A reply to a UDP source that is not logged in is at most this many times the size of the
+/// request (SPEC S4): a spoofed datagram must not make the server send a victim more than it
+/// was sent. The reference's 301 to a keep-alive is ~3× (98 → 297 bytes, the request reflected);
+/// imedge's 301 reflects nothing (~110 bytes), so the Java UDP SDK's ~95-byte keep-alive still
+/// gets the 301 it needs to log in again, while a 10-byte datagram gets none.
+pub const UDP_REPLY_MAX_RATIO: usize = 3;
 
 /// `EMFILE`: this process has no free file descriptor.
 pub const EMFILE: i32 = 24;
@@ -48,6 +58,25 @@ pub struct Conn<S> {
     pub generation: u32,
     /// Set by the shard: move to this core after the current message.
     pub migrate: Option<(CoreId, Adopt)>,
+    /// Output has been waiting since then with no byte written (`None`: nothing waits): the
+    /// write-stall clock.
+    write_since: Option<Instant>,
+    /// The write-stall check in the loop's wheel.
+    write_timer: Option<TimerKey>,
+    /// Its place among the connections not logged in (`None` once logged in, or if it came
+    /// logged in from another core).
+    ticket: Option<Ticket>,
+    /// The login deadline in the loop's wheel.
+    login_timer: Option<TimerKey>,
+}
+
+/// Why the loop set a timer on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnTimer {
+    /// Check whether output has waited `--write-stall-timeout` without progress.
+    Write,
+    /// `--login-timeout` after the accept: close the connection unless it logged in.
+    Login,
 }
 
 /// The backend-independent state of one core's loop.
@@ -70,6 +99,13 @@ pub struct Base<S> {
     udp_tx: BytesMut,
     /// Connections with output to write or a close to carry out (may repeat).
     pub dirty: Vec<usize>,
+    /// The connections' own deadlines (write stalls), keyed by slab index and generation: a
+    /// wheel beside the shard's, so that the transport's timers stay out of the sessions'.
+    timers: TimerWheel<(usize, u32, ConnTimer)>,
+    /// The limits this core's connections hit.
+    pub stats: ConnStats,
+    /// Admission of new connections, shared by the cores.
+    admission: Arc<Admission>,
     next_generation: u32,
     /// Accepting is paused until then: the process ran out of file descriptors.
     pub accept_paused_until: Option<Instant>,
@@ -118,6 +154,10 @@ struct Io<'a, S> {
     udp_tx: &'a mut BytesMut,
     dirty: &'a mut Vec<usize>,
     outgoing: &'a mut Outgoing,
+    /// `--max-send-buffer`.
+    max_send: usize,
+    stats: &'a mut ConnStats,
+    admission: &'a Admission,
 }
 
 impl<S> Io<'_, S> {
@@ -131,6 +171,23 @@ impl<S> Io<'_, S> {
 
     fn send_datagram(&self, bytes: &[u8], to: SocketAddr) {
         send_datagram(self.udp, bytes, to);
+    }
+
+    /// Queues output on a connection (by `queue`), disconnecting a slow consumer whose unsent
+    /// output passes its budget: its messages waiting for an ACK take the lost path (stored for
+    /// its next login), rather than the server buffering without bound.
+    fn queue(&mut self, id: ConnId, queue: impl FnOnce(&mut ConnState)) {
+        let max_send = self.max_send;
+        let Some((index, conn)) = self.conn(id) else {
+            return;
+        };
+        queue(&mut conn.state);
+        if !conn.state.aborted && conn.state.unsent() > max_send {
+            tracing::debug!(peer = %conn.state.peer, "slow consumer: closing");
+            conn.state.abort();
+            self.stats.send_overflows += 1;
+        }
+        self.dirty.push(index);
     }
 }
 
@@ -146,12 +203,7 @@ fn send_datagram(udp: Option<&UdpSocket>, bytes: &[u8], to: SocketAddr) {
 impl<S> Outbox for Io<'_, S> {
     fn send(&mut self, to: Endpoint, msg: &Message<'_>) {
         match to {
-            Endpoint::Conn(id) => {
-                if let Some((index, conn)) = self.conn(id) {
-                    conn.state.queue(msg);
-                    self.dirty.push(index);
-                }
-            }
+            Endpoint::Conn(id) => self.queue(id, |state| state.queue(msg)),
             Endpoint::Udp(addr) => {
                 udp::encode(msg, self.udp_tx);
                 self.send_datagram(self.udp_tx, addr);
@@ -162,14 +214,21 @@ impl<S> Outbox for Io<'_, S> {
 
     fn send_json(&mut self, to: Endpoint, json: &Bytes) {
         match to {
-            Endpoint::Conn(id) => {
-                if let Some((index, conn)) = self.conn(id) {
-                    conn.state.queue_json(json);
-                    self.dirty.push(index);
-                }
-            }
+            Endpoint::Conn(id) => self.queue(id, |state| state.queue_json(json)),
             Endpoint::Udp(addr) => self.send_datagram(json, addr),
         }
+    }
+
+    fn send_unauthenticated(&mut self, to: SocketAddr, msg: &Message<'_>, request_len: usize) {
+        udp::encode(msg, self.udp_tx);
+        if self.udp_tx.len() > request_len.saturating_mul(UDP_REPLY_MAX_RATIO) {
+            self.stats.udp_replies_too_large += 1;
+        } else if !self.admission.udp_reply(to.ip(), Instant::now()) {
+            self.stats.udp_replies_limited += 1;
+        } else {
+            self.send_datagram(self.udp_tx, to);
+        }
+        self.udp_tx.clear();
     }
 
     fn close(&mut self, id: ConnId) {
@@ -187,7 +246,9 @@ impl<S> Outbox for Io<'_, S> {
 
     fn mail(&mut self, core: CoreId, msg: ShardMsg) {
         debug_assert_ne!(core, self.core);
-        self.outgoing.send(core, Mail::Shard(msg));
+        // Refused mail is counted by the mesh and has a defined outcome for its sender (see
+        // `mesh`): a relayed message stays unacknowledged, a datagram or UDP login is lost.
+        let _ = self.outgoing.send(core, Mail::Shard(msg));
     }
 }
 
@@ -198,7 +259,7 @@ impl<S> Base<S> {
         shard: Shard,
         udp: Option<UdpSocket>,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> Self {
         Self {
             core,
@@ -210,6 +271,9 @@ impl<S> Base<S> {
             limits,
             udp_tx: BytesMut::new(),
             dirty: Vec::new(),
+            timers: TimerWheel::new(Instant::now()),
+            stats: ConnStats::default(),
+            admission,
             next_generation: 0,
             accept_paused_until: None,
             more: false,
@@ -226,12 +290,28 @@ impl<S> Base<S> {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
-        [self.shard.poll_timeout(), self.accept_paused_until]
-            .into_iter()
-            .flatten()
-            .min()
-            // Round up so a timer is never polled a hair early and spun on.
-            .map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
+        [
+            self.shard.poll_timeout(),
+            self.timers.next_expiry(),
+            self.accept_paused_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        // Round up so a timer is never polled a hair early and spun on.
+        .map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
+    }
+
+    /// Stops accepting for [`ACCEPT_PAUSE`] (counted): the process is out of descriptors, or
+    /// accepting failed in a way that may persist. Accepting again at once would spin on a
+    /// listener that stays readable (epoll) or an accept that fails at once (io_uring).
+    pub fn pause_accept(&mut self, now: Now, error: &io::Error) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        self.stats.accept_pauses += 1;
+        tracing::warn!(%error, pauses = self.stats.accept_pauses, "accept failed: pausing accept");
+        self.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
     }
 
     /// Whether an accept pause ends at `now` (and clears it).
@@ -254,8 +334,29 @@ impl<S> Base<S> {
             udp_tx: &mut self.udp_tx,
             dirty: &mut self.dirty,
             outgoing: &mut self.outgoing,
+            max_send: self.limits.max_send_buffer,
+            stats: &mut self.stats,
+            admission: &self.admission,
         };
         f(&mut self.shard, &mut io)
+    }
+
+    /// Whether a connection from `peer`, just accepted, may stay: its ticket, or `None` (the
+    /// refusal counted) if the backend must close it at once.
+    pub fn admit(&mut self, now: Now, peer: SocketAddr) -> Option<Ticket> {
+        match self.admission.admit(peer.ip(), now.mono) {
+            Ok(ticket) => Some(ticket),
+            Err(refusal) => {
+                tracing::debug!(%peer, ?refusal, "connection refused");
+                let counter = match refusal {
+                    Refusal::Unauthenticated => &mut self.stats.refused_unauthenticated,
+                    Refusal::PerIp => &mut self.stats.refused_per_ip,
+                    Refusal::Rate => &mut self.stats.refused_rate,
+                };
+                *counter += 1;
+                None
+            }
+        }
     }
 
     fn insert(&mut self, sock: S, state: ConnState) -> (usize, ConnId) {
@@ -266,16 +367,40 @@ impl<S> Base<S> {
             state,
             generation,
             migrate: None,
+            write_since: None,
+            write_timer: None,
+            ticket: None,
+            login_timer: None,
         });
         (index, conn_id(index, generation))
     }
 
-    /// A connection accepted on this core: its session starts. Returns its index.
-    pub fn open(&mut self, now: Now, sock: S, state: ConnState) -> usize {
+    /// A connection accepted on this core and admitted ([`Base::admit`]): its session starts,
+    /// and its login deadline. Returns its index.
+    pub fn open(&mut self, now: Now, sock: S, state: ConnState, ticket: Ticket) -> usize {
         let (transport, peer) = (state.transport, state.peer);
         let (index, id) = self.insert(sock, state);
+        let at = now.mono + self.limits.login_timeout;
+        if let Some(conn) = self.conns.get_mut(index) {
+            conn.ticket = Some(ticket);
+            let timer = (index, conn.generation, ConnTimer::Login);
+            conn.login_timer = Some(self.timers.insert(at, timer));
+        }
         self.shard.on_open(now, id, transport, peer);
         index
+    }
+
+    /// Gives back the admission ticket of a connection that has logged in.
+    fn check_login(&mut self, index: usize) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        if conn.ticket.is_some() && self.shard.is_logged_in(conn_id(index, conn.generation)) {
+            conn.ticket = None;
+            if let Some(key) = conn.login_timer.take() {
+                self.timers.cancel(key);
+            }
+        }
     }
 
     /// A connection that migrated here with a verified login: the shard finishes the login.
@@ -292,10 +417,24 @@ impl<S> Base<S> {
     /// stopping if the connection closes or is to migrate. Returns the migration, which the
     /// backend carries out (the shard has already forgotten the connection).
     pub fn process(&mut self, now: Now, index: usize) -> Option<(CoreId, Adopt)> {
+        let migrate = self.process_rx(now, index);
+        if migrate.is_none() {
+            self.check_login(index);
+        }
+        migrate
+    }
+
+    fn process_rx(&mut self, now: Now, index: usize) -> Option<(CoreId, Adopt)> {
         loop {
             let conn = self.conns.get_mut(index)?;
             if let Some(migrate) = conn.migrate.take() {
                 return Some(migrate);
+            }
+            if conn.state.closing {
+                // A closing connection reads no more: what it received is dropped.
+                conn.state.rx.clear();
+                self.dirty.push(index);
+                return None;
             }
             let id = conn_id(index, conn.generation);
             match conn.state.next(self.limits.tcp_max_body) {
@@ -362,19 +501,109 @@ impl<S> Base<S> {
             let id = conn_id(index, conn.generation);
             self.with_shard(|shard, io| shard.on_frame(now, id, body, io));
         }
-        let conn = self.conns.get_mut(index)?;
-        conn.state.rx.extend_from_slice(received);
+        if !self.absorb(index, received) {
+            return None;
+        }
         self.process(now, index)
+    }
+
+    /// Appends bytes received on connection `index` to its `rx` ([`ConnState::absorb`]: a
+    /// closing connection drops them). Returns `false` if that overflowed the receive bound and
+    /// aborted the connection (counted; the backend closes it at its flush).
+    pub fn absorb(&mut self, index: usize, received: &[u8]) -> bool {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return false;
+        };
+        if conn.state.absorb(received, self.limits.tcp_max_body) {
+            return true;
+        }
+        self.stats.receive_overflows += 1;
+        self.dirty.push(index);
+        false
+    }
+
+    /// The backend wrote to connection `index` (or handed it a send): `progressed` if any byte
+    /// went out, `pending` if output still waits. Keeps the write-stall clock: it starts when
+    /// output starts waiting and restarts at every progress.
+    pub fn wrote(&mut self, now: Now, index: usize, progressed: bool, pending: bool) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        if !pending {
+            conn.write_since = None;
+            return;
+        }
+        if progressed || conn.write_since.is_none() {
+            conn.write_since = Some(now.mono);
+        }
+        if conn.write_timer.is_none() {
+            let at = now.mono + self.limits.write_stall;
+            let key = self
+                .timers
+                .insert(at, (index, conn.generation, ConnTimer::Write));
+            conn.write_timer = Some(key);
+        }
+    }
+
+    /// A connection's timer is due.
+    fn conn_timer(&mut self, now: Now, index: usize, generation: u32, timer: ConnTimer) {
+        let Some(conn) = self
+            .conns
+            .get_mut(index)
+            .filter(|conn| conn.generation == generation)
+        else {
+            return;
+        };
+        match timer {
+            ConnTimer::Write => {
+                conn.write_timer = None;
+                let Some(since) = conn.write_since else {
+                    return;
+                };
+                let deadline = since + self.limits.write_stall;
+                if deadline > now.mono {
+                    // Progress since the timer was set: check again at the new deadline.
+                    let key = self.timers.insert(deadline, (index, generation, timer));
+                    conn.write_timer = Some(key);
+                    return;
+                }
+                tracing::debug!(peer = %conn.state.peer, "write stalled: closing");
+                conn.state.abort();
+                self.stats.write_stalls += 1;
+                self.dirty.push(index);
+            }
+            ConnTimer::Login => {
+                conn.login_timer = None;
+                if conn.ticket.is_none() || self.shard.is_logged_in(conn_id(index, generation)) {
+                    conn.ticket = None;
+                    return;
+                }
+                tracing::debug!(peer = %conn.state.peer, "not logged in in time: closing");
+                conn.state.abort();
+                self.stats.login_timeouts += 1;
+                self.dirty.push(index);
+            }
+        }
+    }
+
+    /// Forgets the loop's timers of a connection that leaves this core or closes.
+    fn cancel_timers(&mut self, conn: &Conn<S>) {
+        for key in [conn.write_timer, conn.login_timer].into_iter().flatten() {
+            self.timers.cancel(key);
+        }
     }
 
     /// Removes a connection that is leaving for another core (the shard already forgot it).
     pub fn take(&mut self, index: usize) -> Option<Conn<S>> {
-        self.conns.try_remove(index)
+        let conn = self.conns.try_remove(index)?;
+        self.cancel_timers(&conn);
+        Some(conn)
     }
 
     /// Removes a connection and tells the shard. Returns its socket for the backend to close.
     pub fn close(&mut self, now: Now, index: usize) -> Option<S> {
         let conn = self.conns.try_remove(index)?;
+        self.cancel_timers(&conn);
         let id = conn_id(index, conn.generation);
         self.with_shard(|shard, io| shard.on_closed(now, id, io));
         Some(conn.sock)
@@ -410,7 +639,7 @@ impl<S> Base<S> {
             match mail {
                 Mail::Shard(msg) => self.with_shard(|shard, io| shard.on_mail(now, msg, io)),
                 Mail::Adopt(migrant) => return Some(migrant),
-                Mail::Query(query) => super::answer(&self.shard, query),
+                Mail::Query(query) => super::answer(&self.shard, &self.stats, query),
                 Mail::Shutdown => {
                     // Messages still waiting for an ACK are kept for the recipients' next login.
                     self.shard.store_pending_for_shutdown(now);
@@ -426,8 +655,11 @@ impl<S> Base<S> {
         None
     }
 
-    /// Runs the shard's timers if one is due.
+    /// Runs the connections' and the shard's timers that are due.
     pub fn run_timers(&mut self, now: Now) {
+        while let Some((index, generation, timer)) = self.timers.poll(now.mono) {
+            self.conn_timer(now, index, generation, timer);
+        }
         if self.shard.poll_timeout().is_some_and(|at| at <= now.mono) {
             self.with_shard(|shard, io| shard.handle_timeout(now, io));
         }

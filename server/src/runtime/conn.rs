@@ -9,9 +9,10 @@ use imedge_protocol::frame::{tcp, ws};
 use imedge_protocol::session::Transport;
 use imedge_protocol::Message;
 
-/// Output a peer may leave unread before we give up on it: a client that stops reading must not
-/// make the server buffer without bound. 4 MiB is hundreds of messages of the largest size.
-pub const MAX_TX_BUFFER: usize = 4 << 20;
+/// Received bytes a connection may hold beyond its largest frame: what one read appends before
+/// it is cut into frames (the epoll loop reads 64 KiB at a time, the io_uring loop one 4 KiB
+/// provided buffer), so a peer that keeps within the frame limit never reaches the bound.
+pub const RX_SLACK: usize = 64 * 1024;
 
 /// Where a WebSocket connection is in its life.
 #[derive(Debug)]
@@ -35,8 +36,15 @@ pub struct ConnState {
     pub rx: BytesMut,
     /// Bytes queued for the socket.
     pub tx: BytesMut,
-    /// Close once `tx` is written.
+    /// Close once `tx` is written. A closing connection takes no more input: what it receives
+    /// is dropped unread into `rx` ([`ConnState::absorb`]).
     pub closing: bool,
+    /// Close at once, without writing what is queued: the peer broke a limit (it does not read
+    /// its output, overflowed its receive buffer, or stalled a write).
+    pub aborted: bool,
+    /// Bytes of `tx` handed to the kernel by a send still in flight (io_uring: they left `tx`
+    /// but are not written yet); they count against the send budget.
+    pub in_flight: usize,
     ws: Option<WsPhase>,
 }
 
@@ -60,6 +68,8 @@ impl ConnState {
             rx: BytesMut::new(),
             tx: BytesMut::new(),
             closing: false,
+            aborted: false,
+            in_flight: 0,
             ws: (transport == Transport::Ws).then_some(WsPhase::Handshake),
         }
     }
@@ -68,6 +78,7 @@ impl ConnState {
     /// by itself (the WebSocket upgrade, pings, close frames).
     pub fn next(&mut self, tcp_max_body: usize) -> Next {
         if self.closing {
+            self.rx.clear();
             return Next::Close;
         }
         match &mut self.ws {
@@ -195,7 +206,6 @@ impl ConnState {
             None => tcp::encode(msg, &mut self.tx),
             Some(_) => ws::encode_message(msg, None, &mut self.tx),
         }
-        self.check_tx();
     }
 
     /// Queues an encoded message body, framed for the transport.
@@ -207,7 +217,6 @@ impl ConnState {
             None => tcp::encode_body(json, &mut self.tx),
             Some(_) => ws::encode_text(json, None, &mut self.tx),
         }
-        self.check_tx();
     }
 
     /// Asks for the connection to be closed once the queued bytes are written; a WebSocket says
@@ -222,11 +231,152 @@ impl ConnState {
         self.closing = true;
     }
 
-    fn check_tx(&mut self) {
-        if self.tx.len() > MAX_TX_BUFFER {
-            tracing::debug!(peer = %self.peer, "peer does not read: closing");
-            self.tx.clear();
-            self.closing = true;
+    /// Bytes queued for the peer and not yet written: `tx` and a send in flight.
+    pub fn unsent(&self) -> usize {
+        self.tx.len() + self.in_flight
+    }
+
+    /// Most bytes `rx` may hold: the largest frame of the transport (a WebSocket's largest
+    /// message or upgrade request) and [`RX_SLACK`].
+    pub fn rx_limit(&self, tcp_max_body: usize) -> usize {
+        let frame = match self.ws {
+            None => tcp::PREFIX_LEN + tcp_max_body,
+            // The header of a frame is at most 14 bytes; fragments move into the decoder, which
+            // bounds a message by `ws::MAX_PAYLOAD` itself.
+            Some(_) => ws::MAX_HANDSHAKE.max(ws::MAX_PAYLOAD + 14),
+        };
+        frame + RX_SLACK
+    }
+
+    /// Appends received bytes to `rx` for [`ConnState::next`]. A closing connection drops them
+    /// (it reads no more). Returns `false`, and aborts the connection, if `rx` would grow past
+    /// [`ConnState::rx_limit`]: the peer sends more than any frame it may send.
+    pub fn absorb(&mut self, received: &[u8], tcp_max_body: usize) -> bool {
+        if self.closing {
+            return true;
         }
+        if self.rx.len() + received.len() > self.rx_limit(tcp_max_body) {
+            tracing::debug!(peer = %self.peer, "receive buffer overflow: closing");
+            self.rx.clear();
+            self.abort();
+            return false;
+        }
+        self.rx.extend_from_slice(received);
+        true
+    }
+
+    /// Closes at once, dropping what is queued (see [`ConnState::abort`]).
+    pub fn abort(&mut self) {
+        self.tx.clear();
+        self.closing = true;
+        self.aborted = true;
+    }
+}
+
+/// What the connection layer refused or cut short, per core (merged into the shard's
+/// [`crate::shard::Stats`] by the stats query): one counter per limit a peer can hit.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Connections closed because a write made no progress for `--write-stall-timeout`.
+    pub write_stalls: u64,
+    /// Slow consumers: connections closed because their unsent output passed
+    /// `--max-send-buffer`.
+    pub send_overflows: u64,
+    /// Connections closed because they sent more than their largest frame could hold.
+    pub receive_overflows: u64,
+    /// Connections closed because they had not logged in within `--login-timeout`.
+    pub login_timeouts: u64,
+    /// Connections refused at accept: `--max-unauthenticated` reached.
+    pub refused_unauthenticated: u64,
+    /// Connections refused at accept: `--max-conns-per-ip` unauthenticated connections from
+    /// the source address.
+    pub refused_per_ip: u64,
+    /// Connections refused at accept: the source address opened more than
+    /// `--max-conn-rate-per-ip` connections per second.
+    pub refused_rate: u64,
+    /// Times accepting paused because the process ran out of file descriptors.
+    pub accept_pauses: u64,
+    /// Replies to UDP sources not logged in that were not sent: over
+    /// `--udp-unauth-reply-rate` for the source address.
+    pub udp_replies_limited: u64,
+    /// Replies to UDP sources not logged in that were not sent: larger than
+    /// `UDP_REPLY_MAX_RATIO` times the request.
+    pub udp_replies_too_large: u64,
+}
+
+impl ConnStats {
+    /// Adds another core's counters to these.
+    pub fn merge(&mut self, other: &ConnStats) {
+        self.write_stalls += other.write_stalls;
+        self.send_overflows += other.send_overflows;
+        self.receive_overflows += other.receive_overflows;
+        self.login_timeouts += other.login_timeouts;
+        self.refused_unauthenticated += other.refused_unauthenticated;
+        self.refused_per_ip += other.refused_per_ip;
+        self.refused_rate += other.refused_rate;
+        self.accept_pauses += other.accept_pauses;
+        self.udp_replies_limited += other.udp_replies_limited;
+        self.udp_replies_too_large += other.udp_replies_too_large;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp() -> ConnState {
+        ConnState::new(Transport::Tcp, SocketAddr::from(([127, 0, 0, 1], 1)))
+    }
+
+    #[test]
+    fn a_closing_connection_reads_no_more() {
+        let mut conn = tcp();
+        assert!(conn.absorb(b"\0\0", 6144));
+        conn.begin_close();
+        assert!(conn.absorb(&[b'x'; 100_000], 6144));
+        assert_eq!(conn.rx.len(), 2, "nothing appended once closing");
+        assert!(matches!(conn.next(6144), Next::Close));
+        assert!(conn.rx.is_empty());
+    }
+
+    #[test]
+    fn the_receive_buffer_is_bounded_by_a_frame_and_one_read() {
+        let mut conn = tcp();
+        let limit = conn.rx_limit(6144);
+        assert_eq!(limit, tcp::PREFIX_LEN + 6144 + RX_SLACK);
+        assert!(conn.absorb(&vec![0; limit], 6144));
+        assert!(!conn.aborted);
+        assert!(!conn.absorb(b"x", 6144));
+        assert!(conn.aborted && conn.closing && conn.rx.is_empty());
+    }
+
+    #[test]
+    fn conn_stats_merge_into_the_shard_stats() {
+        let mut a = crate::shard::Stats::default();
+        a.conn.write_stalls = 1;
+        a.conn.refused_rate = 2;
+        let mut b = crate::shard::Stats::default();
+        b.conn.write_stalls = 3;
+        b.conn.accept_pauses = 4;
+        a.merge(&b);
+        assert_eq!(
+            a.conn,
+            ConnStats {
+                write_stalls: 4,
+                refused_rate: 2,
+                accept_pauses: 4,
+                ..ConnStats::default()
+            }
+        );
+    }
+
+    #[test]
+    fn unsent_counts_a_send_in_flight() {
+        let mut conn = tcp();
+        conn.queue_json(b"{}");
+        conn.in_flight = 10;
+        assert_eq!(conn.unsent(), tcp::PREFIX_LEN + 2 + 10);
+        conn.abort();
+        assert_eq!(conn.unsent(), 10);
     }
 }

@@ -17,7 +17,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use super::base::{self, Base, ACCEPT_PAUSE, EMFILE, ENFILE};
+use super::admit::{Admission, Ticket};
+use super::base::{self, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant};
 use super::{Limits, Listeners};
@@ -69,7 +70,7 @@ impl EpollCore {
         shard: Shard,
         listeners: Listeners,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> io::Result<Self> {
         let registry = poll.registry();
         let mut tcp = listeners.tcp.map(TcpListener::from_std);
@@ -88,7 +89,7 @@ impl EpollCore {
             )?;
         }
         Ok(Self {
-            base: Base::new(core, shard, listeners.udp, mesh, limits),
+            base: Base::new(core, shard, listeners.udp, mesh, (limits, admission)),
             poll,
             tcp,
             ws,
@@ -160,13 +161,17 @@ impl EpollCore {
             };
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    // Refused: closed at once (dropped).
+                    let Some(ticket) = self.base.admit(now, peer) else {
+                        continue;
+                    };
                     // TCP_NODELAY and SO_KEEPALIVE come from the listener (`bind_tcp`).
-                    self.add_conn(now, stream, ConnState::new(transport, peer), None);
+                    let state = ConnState::new(transport, peer);
+                    self.add_conn(now, stream, state, Err(ticket));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) => {
-                    tracing::warn!(error = %e, "out of file descriptors: pausing accept");
-                    self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                    self.base.pause_accept(now, &e);
                     return;
                 }
                 Err(e)
@@ -180,13 +185,14 @@ impl EpollCore {
         }
     }
 
-    /// Registers a connection (accepted here, or migrated here with a login to finish).
+    /// Registers a connection: migrated here with a login to finish (`Ok`), or accepted here
+    /// and admitted (`Err`: its ticket).
     fn add_conn(
         &mut self,
         now: Now,
         mut stream: TcpStream,
         state: ConnState,
-        adopt: Option<Adopt>,
+        adopt: Result<Adopt, Ticket>,
     ) {
         let token = Token(self.base.conns.vacant_key());
         if let Err(error) = self.poll.registry().register(
@@ -198,10 +204,10 @@ impl EpollCore {
             return;
         }
         match adopt {
-            None => {
-                self.base.open(now, stream, state);
+            Err(ticket) => {
+                self.base.open(now, stream, state, ticket);
             }
-            Some(adopt) => {
+            Ok(adopt) => {
                 let index = self.base.adopt(now, stream, state, adopt);
                 // Bytes that arrived behind the login came along in the receive buffer.
                 self.process(now, index);
@@ -215,7 +221,7 @@ impl EpollCore {
             conn,
             adopt,
         } = migrant;
-        self.add_conn(now, TcpStream::from_std(stream), conn, Some(adopt));
+        self.add_conn(now, TcpStream::from_std(stream), conn, Ok(adopt));
     }
 
     /// Reads everything available on a connection, handing its complete messages to the shard:
@@ -241,13 +247,19 @@ impl EpollCore {
                 }
             };
             let received = self.scratch.get_mut(..n).unwrap_or_default();
-            if self.base.takes_in_place(index) {
-                if let Some((core, adopt)) = self.base.process_received(now, index, received) {
-                    self.migrate(index, core, adopt);
-                    return;
-                }
-            } else if let Some(conn) = self.base.conns.get_mut(index) {
-                conn.state.rx.extend_from_slice(received);
+            let migrate = if self.base.takes_in_place(index) {
+                self.base.process_received(now, index, received)
+            } else if self.base.absorb(index, received) {
+                // Cut before the next read, so that `rx` never holds more than a partial frame
+                // and one read.
+                self.base.process(now, index)
+            } else {
+                // Over the receive bound: aborted, closed at the flush.
+                return;
+            };
+            if let Some((core, adopt)) = migrate {
+                self.migrate(index, core, adopt);
+                return;
             }
         }
         self.process(now, index);
@@ -273,7 +285,9 @@ impl EpollCore {
             conn: conn.state,
             adopt,
         };
-        self.base
+        // A migrating connection is never refused (not refusable mail, see `mesh`).
+        let _ = self
+            .base
             .outgoing
             .send(core, Mail::Adopt(Box::new(migrant)));
     }
@@ -310,7 +324,11 @@ impl EpollCore {
             if conn.migrate.is_some() {
                 continue;
             }
-            let mut failed = false;
+            if conn.state.aborted {
+                self.close_now(now, index);
+                continue;
+            }
+            let (mut failed, mut progressed) = (false, false);
             while !conn.state.tx.is_empty() {
                 match conn.sock.write(&conn.state.tx) {
                     Ok(0) => {
@@ -318,6 +336,7 @@ impl EpollCore {
                         break;
                     }
                     Ok(n) => {
+                        progressed = true;
                         let _ = conn.state.tx.split_to(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -331,7 +350,9 @@ impl EpollCore {
             if failed || (conn.state.closing && conn.state.tx.is_empty()) {
                 self.close_now(now, index);
             } else {
+                let pending = !conn.state.tx.is_empty();
                 conn.state.release_empty_buffers();
+                self.base.wrote(now, index, progressed, pending);
             }
         }
     }

@@ -2,8 +2,19 @@
 //!
 //! Senders push into the target's [`ArrayQueue`] and remember the target; at the end of its loop
 //! turn a core wakes each core it mailed once (one `eventfd` write per target per turn, not per
-//! message). A full inbox means the target is overloaded: the sender keeps the mail in a small
-//! local overflow and retries on its next turn; past [`MAX_OVERFLOW`] it drops mail and counts it.
+//! message). A full inbox means the target is overloaded: the sender keeps the mail in a local
+//! overflow and retries on its next turn. What happens when that overflow is full depends on the
+//! mail ([`Mail::is_refusable`]):
+//!
+//! * mail a peer's traffic makes — a relayed message ([`ShardMsg::Deliver`]), a forwarded
+//!   datagram, a UDP login — is refused past [`MAX_OVERFLOW`] and counted ([`Mesh::refused`]);
+//!   each has a defined outcome for its sender: a relayed message is not acknowledged (the
+//!   sender's SDK resends it or reports it lost, exactly as for an offline recipient nobody
+//!   stored), a datagram or a UDP login is lost as UDP may lose it (the SDK resends);
+//! * everything else — receipts, route changes, commands, migrating connections — is never
+//!   dropped: there is at most one per refusable mail that was accepted, or per session, so its
+//!   overflow is bounded by the same limits; its high-water mark is counted
+//!   ([`Mesh::control_backlog_peak`]). A "UDP route released" therefore always arrives.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +35,8 @@ pub const INBOX_CAPACITY: usize = 8_192;
 /// A running core drains thousands of mails per millisecond; a second means it has stopped.
 pub const POST_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Mail a core holds back for a full inbox before it starts dropping (per target core).
+/// Refusable mail a core holds back for a full inbox before it refuses more (per target core):
+/// ~0.6 s of 100k messages/s, 8 MiB of mail at most.
 pub const MAX_OVERFLOW: usize = 65_536;
 
 /// What travels between cores.
@@ -38,6 +50,17 @@ pub enum Mail {
     Query(Query),
     /// Stop: close every connection, then end the loop.
     Shutdown,
+}
+
+impl Mail {
+    /// Whether the mail comes from a peer's traffic and has a defined outcome when refused (see
+    /// the module's documentation); other mail is never dropped by a loop.
+    pub fn is_refusable(&self) -> bool {
+        matches!(
+            self,
+            Mail::Shard(ShardMsg::Deliver(_) | ShardMsg::Datagram { .. } | ShardMsg::UdpLogin(_))
+        )
+    }
 }
 
 /// Questions the control thread asks a core.
@@ -81,8 +104,12 @@ impl Wake for mio::Waker {
 pub struct Mesh {
     inboxes: Vec<ArrayQueue<Mail>>,
     wakers: Vec<Arc<dyn Wake>>,
-    /// Mail dropped because an inbox and the sender's overflow were full.
+    /// Mail from outside the loops dropped after waiting [`POST_PATIENCE`] for a full inbox.
     pub dropped: AtomicU64,
+    /// Refusable mail refused because an inbox and the sender's overflow were full.
+    pub refused: AtomicU64,
+    /// The most mail any core has held back for one target at once.
+    pub control_backlog_peak: AtomicU64,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -103,6 +130,8 @@ impl Mesh {
                 .collect(),
             wakers,
             dropped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            control_backlog_peak: AtomicU64::new(0),
         }
     }
 
@@ -169,53 +198,87 @@ impl Mesh {
 pub struct Outgoing {
     mesh: Arc<Mesh>,
     overflow: Vec<VecDeque<Mail>>,
+    /// Refusable mail in each overflow.
+    refusable: Vec<usize>,
+    max_overflow: usize,
     to_wake: Vec<bool>,
 }
 
 impl Outgoing {
     /// The sending side for one core.
     pub fn new(mesh: Arc<Mesh>) -> Self {
+        Self::with_limit(mesh, MAX_OVERFLOW)
+    }
+
+    /// The sending side, refusing refusable mail past `max_overflow` held back per target.
+    pub fn with_limit(mesh: Arc<Mesh>, max_overflow: usize) -> Self {
         let cores = mesh.cores();
         Self {
             mesh,
             overflow: (0..cores).map(|_| VecDeque::new()).collect(),
+            refusable: vec![0; cores],
+            max_overflow,
             to_wake: vec![false; cores],
         }
     }
 
-    /// Sends `mail` to `core` (delivered in order with earlier mail to the same core).
-    pub fn send(&mut self, core: CoreId, mail: Mail) {
+    /// Sends `mail` to `core` (delivered in order with earlier mail to the same core). Refusable
+    /// mail that finds the inbox and this core's overflow for it full is refused: counted, and
+    /// given back so that the caller can see what was refused.
+    pub fn send(&mut self, core: CoreId, mail: Mail) -> Result<(), Mail> {
         let index = usize::from(core);
-        let (Some(inbox), Some(overflow)) =
-            (self.mesh.inboxes.get(index), self.overflow.get_mut(index))
-        else {
-            return;
+        let (Some(inbox), Some(overflow), Some(refusable)) = (
+            self.mesh.inboxes.get(index),
+            self.overflow.get_mut(index),
+            self.refusable.get_mut(index),
+        ) else {
+            return Err(mail);
         };
         if let Some(flag) = self.to_wake.get_mut(index) {
             *flag = true;
         }
-        if overflow.is_empty() {
-            if let Err(back) = inbox.push(mail) {
-                overflow.push_back(back);
+        let mail = if overflow.is_empty() {
+            match inbox.push(mail) {
+                Ok(()) => return Ok(()),
+                Err(back) => back,
             }
-        } else if overflow.len() < MAX_OVERFLOW {
-            overflow.push_back(mail);
         } else {
-            self.mesh.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(core, "inbox and overflow full: mail dropped");
+            mail
+        };
+        if mail.is_refusable() {
+            if *refusable >= self.max_overflow {
+                self.mesh.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(core, "inbox and overflow full: mail refused");
+                return Err(mail);
+            }
+            *refusable += 1;
         }
+        overflow.push_back(mail);
+        self.mesh
+            .control_backlog_peak
+            .fetch_max(overflow.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Retries held-back mail and wakes every core mailed since the last call.
     pub fn flush(&mut self) {
-        for (index, overflow) in self.overflow.iter_mut().enumerate() {
+        for (index, (overflow, refusable)) in self
+            .overflow
+            .iter_mut()
+            .zip(&mut self.refusable)
+            .enumerate()
+        {
             let Some(inbox) = self.mesh.inboxes.get(index) else {
                 continue;
             };
             while let Some(mail) = overflow.pop_front() {
+                let was_refusable = mail.is_refusable();
                 if let Err(back) = inbox.push(mail) {
                     overflow.push_front(back);
                     break;
+                }
+                if was_refusable {
+                    *refusable = refusable.saturating_sub(1);
                 }
             }
             if !overflow.is_empty() {
@@ -236,5 +299,90 @@ impl Outgoing {
     /// Whether mail is still held back (the loop should not sleep long).
     pub fn has_backlog(&self) -> bool {
         self.overflow.iter().any(|o| !o.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    struct Nobody;
+
+    impl Wake for Nobody {
+        fn wake(&self) {}
+    }
+
+    fn mesh() -> Arc<Mesh> {
+        Arc::new(Mesh::new(vec![Arc::new(Nobody), Arc::new(Nobody)]))
+    }
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 7))
+    }
+
+    fn datagram() -> Mail {
+        Mail::Shard(ShardMsg::Datagram {
+            from: addr(),
+            bytes: bytes::BytesMut::from(&b"{}"[..]),
+            via: 0,
+        })
+    }
+
+    fn released() -> Mail {
+        Mail::Shard(ShardMsg::UdpReleased { addr: addr() })
+    }
+
+    #[test]
+    fn refusable_mail_is_refused_past_the_overflow_and_control_mail_never() {
+        let mesh = mesh();
+        let mut out = Outgoing::with_limit(Arc::clone(&mesh), 2);
+        for _ in 0..INBOX_CAPACITY {
+            out.send(1, datagram()).unwrap();
+        }
+        // Inbox full: two more are held back, the third refused and counted.
+        out.send(1, datagram()).unwrap();
+        out.send(1, datagram()).unwrap();
+        assert!(matches!(
+            out.send(1, datagram()),
+            Err(Mail::Shard(ShardMsg::Datagram { .. }))
+        ));
+        assert_eq!(mesh.refused.load(Ordering::Relaxed), 1);
+        // A route release is never refused, however full.
+        for _ in 0..10 {
+            out.send(1, released()).unwrap();
+        }
+        assert_eq!(mesh.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(mesh.control_backlog_peak.load(Ordering::Relaxed), 12);
+        assert!(out.has_backlog());
+
+        // The target drains its inbox: the overflow follows in order, and room for refusable
+        // mail comes back.
+        let mut taken = 0;
+        while mesh.pop(1).is_some() {
+            taken += 1;
+        }
+        assert_eq!(taken, INBOX_CAPACITY);
+        out.flush();
+        assert!(!out.has_backlog());
+        let mut order = Vec::new();
+        while let Some(mail) = mesh.pop(1) {
+            order.push(matches!(mail, Mail::Shard(ShardMsg::UdpReleased { .. })));
+        }
+        assert_eq!(order, [[false; 2].as_slice(), &[true; 10]].concat());
+        for _ in 0..INBOX_CAPACITY + 2 {
+            out.send(1, datagram()).unwrap();
+        }
+        assert!(out.send(1, datagram()).is_err());
+    }
+
+    #[test]
+    fn only_peer_driven_mail_is_refusable() {
+        assert!(datagram().is_refusable());
+        assert!(!released().is_refusable());
+        assert!(!Mail::Shutdown.is_refusable());
     }
 }

@@ -2,6 +2,8 @@
 //! stops them.
 //!
 //! * [`conn`] — one connection's transport state (framing, WebSocket), backend-independent.
+//! * [`admit`] — admission of new connections (unauthenticated caps, per-address rate), shared
+//!   by the cores.
 //! * [`mesh`] — bounded lock-free inboxes between cores, with wake-ups.
 //! * `base` — the backend-independent half of a core's loop (shard, connections, inbox, timers).
 //! * [`epoll`] — the epoll backend (mio).
@@ -11,15 +13,18 @@
 //! Every core binds its own TCP, UDP and WebSocket socket on the same ports with `SO_REUSEPORT`;
 //! the kernel spreads connections and UDP clients over them.
 
+pub mod admit;
 mod base;
 pub mod conn;
 pub mod epoll;
 pub mod mesh;
+pub mod orphan;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -48,6 +53,13 @@ pub struct Limits {
     pub tcp_max_body: usize,
     /// Largest UDP datagram.
     pub udp_max_datagram: usize,
+    /// Most bytes a connection may leave unsent (`--max-send-buffer`).
+    pub max_send_buffer: usize,
+    /// A write making no progress this long closes its connection (`--write-stall-timeout`).
+    pub write_stall: std::time::Duration,
+    /// A connection not logged in this long after it was accepted is closed
+    /// (`--login-timeout`).
+    pub login_timeout: std::time::Duration,
     /// Benchmark mode (`--bench-echo`): every frame (TCP, WebSocket) and datagram goes straight
     /// back to its sender instead of to the shard. The loops, buffers and writes are the server's
     /// own, so this measures their floor — the cost of the I/O without the protocol.
@@ -181,7 +193,7 @@ impl Prepared {
         shard: Shard,
         listeners: Listeners,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<admit::Admission>),
         ready: mpsc::Sender<io::Result<()>>,
     ) -> io::Result<()> {
         fn report<C>(
@@ -204,13 +216,13 @@ impl Prepared {
         }
         match self {
             Prepared::Epoll(poll) => report(
-                epoll::EpollCore::new(core, poll, shard, listeners, mesh, limits),
+                epoll::EpollCore::new(core, poll, shard, listeners, mesh, (limits, admission)),
                 ready,
                 epoll::EpollCore::run,
             ),
             #[cfg(target_os = "linux")]
             Prepared::Uring(waker) => report(
-                uring::UringCore::new(core, shard, listeners, waker, mesh, limits),
+                uring::UringCore::new(core, shard, listeners, waker, mesh, (limits, admission)),
                 ready,
                 uring::UringCore::run,
             ),
@@ -323,6 +335,10 @@ impl ControlApi {
             total.0.merge(&stats);
             total.1 += online;
         }
+        let mesh = &self.0;
+        total.0.mail_refused = mesh.refused.load(Ordering::Relaxed);
+        total.0.mail_dropped = mesh.dropped.load(Ordering::Relaxed);
+        total.0.mail_backlog_peak = mesh.control_backlog_peak.load(Ordering::Relaxed);
         total
     }
 }
@@ -331,15 +347,17 @@ impl ControlApi {
 /// one loop turn; only a stopping server leaves a question unanswered).
 pub const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Answers a control-thread question on a core.
-fn answer(shard: &Shard, query: Query) {
+/// Answers a control-thread question on a core (`conn`: the loop's own counters).
+fn answer(shard: &Shard, conn: &conn::ConnStats, query: Query) {
     // A closed channel means the asker stopped waiting: nothing to do.
     match query {
         Query::IsOnline(uid, reply) => {
             let _ = reply.send(shard.is_online(&uid));
         }
         Query::Stats(reply) => {
-            let _ = reply.send((shard.stats(), shard.online_users()));
+            let mut stats = shard.stats();
+            stats.conn = *conn;
+            let _ = reply.send((stats, shard.online_users()));
         }
     }
 }
@@ -355,7 +373,8 @@ impl Stopper {
     }
 }
 
-fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A TCP listener; `user_timeout` becomes the accepted sockets' `TCP_USER_TIMEOUT`.
+fn bind_tcp(addr: SocketAddr, user_timeout: std::time::Duration) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -364,6 +383,13 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     // calls fewer per accepted connection.
     socket.set_tcp_nodelay(true)?;
     socket.set_keepalive(true)?;
+    // Bytes the peer does not acknowledge for `--write-stall-timeout` make the kernel drop the
+    // connection by itself (what the loop's write-stall check does for output it still holds);
+    // inherited by accepted sockets like the options above.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_user_timeout(Some(user_timeout))?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = user_timeout;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -399,7 +425,64 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// With port 0 the probe's port, which the kernel picked among ports nobody holds, is returned
 /// for the group to bind: a socket with `SO_REUSEPORT` asking for port 0 may be handed a port
 /// that another process's group already shares.
+///
+/// A port held only by orphaned sockets — those of a run killed a moment ago, which close once
+/// the process has exited and the kernel has torn its io_uring rings down ([`orphan`]) — is
+/// waited for, at most [`ORPHAN_WAIT`], with a log line; a port a live process holds is refused
+/// after [`HOLDER_GRACE`] (time for a process that is exiting to let go).
 fn claim(addr: SocketAddr, ty: Type) -> io::Result<u16> {
+    let start = Instant::now();
+    let proto = if ty == Type::STREAM {
+        orphan::Proto::Tcp
+    } else {
+        orphan::Proto::Udp
+    };
+    let mut logged = false;
+    loop {
+        let error = match claim_once(addr, ty) {
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse && addr.port() != 0 => error,
+            other => {
+                if logged {
+                    tracing::info!(%addr, waited_ms = start.elapsed().as_millis() as u64, "port free");
+                }
+                return other;
+            }
+        };
+        let waited = start.elapsed();
+        let holders = orphan::holders(proto, addr.port()).unwrap_or_default();
+        if waited >= ORPHAN_WAIT || (!holders.is_empty() && waited >= HOLDER_GRACE) {
+            let who = match holders.as_slice() {
+                [] => String::new(),
+                pids => format!(" by process {pids:?}"),
+            };
+            return Err(io::Error::new(error.kind(), format!("{error}{who}")));
+        }
+        if !logged && holders.is_empty() {
+            tracing::warn!(
+                %addr,
+                max_wait_ms = ORPHAN_WAIT.as_millis() as u64,
+                "port held by sockets no process owns (a crashed run's, closing): waiting"
+            );
+            logged = true;
+        }
+        std::thread::sleep(ORPHAN_POLL);
+    }
+}
+
+/// The longest start-up waits for a port held by orphaned sockets. The kernel closes them
+/// within a fraction of a second of the crashed process's exit (measured: ~0.1 s on Linux 6.18,
+/// io_uring or epoll); 10 s covers a loaded machine, and is still short next to a restart by a
+/// supervisor.
+pub const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long start-up waits for a port that a live process holds: one that is exiting may still
+/// show its sockets; one that is not is another server, refused after this.
+pub const HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often start-up looks at a held port again.
+const ORPHAN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn claim_once(addr: SocketAddr, ty: Type) -> io::Result<u16> {
     let protocol = if ty == Type::STREAM {
         Protocol::TCP
     } else {
@@ -492,14 +575,14 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         config.bind,
         config.tcp_port,
         cores,
-        (Type::STREAM, bind_tcp),
+        (Type::STREAM, |a| bind_tcp(a, config.write_stall_timeout)),
         TcpListener::local_addr,
     )?;
     let (ws, ws_addr) = bind_all(
         config.bind,
         config.ws_port,
         cores,
-        (Type::STREAM, bind_tcp),
+        (Type::STREAM, |a| bind_tcp(a, config.write_stall_timeout)),
         TcpListener::local_addr,
     )?;
     let (udp, udp_addr) = bind_all(
@@ -522,6 +605,9 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
     let limits = Limits {
         tcp_max_body: config.tcp_max_body,
         udp_max_datagram: config.udp_max_datagram,
+        max_send_buffer: config.max_send_buffer,
+        write_stall: config.write_stall_timeout,
+        login_timeout: config.login_timeout,
         echo: config.bench_echo,
     };
     let cpus = if config.pin_threads {
@@ -530,6 +616,16 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         Vec::new()
     };
 
+    let admission = Arc::new(admit::Admission::new(
+        admit::AdmitLimits {
+            max_unauthenticated: config.max_unauthenticated,
+            max_per_ip: config.max_conns_per_ip,
+            rate_per_ip: config.max_conn_rate_per_ip,
+            udp_unauth_reply_rate: config.udp_unauth_reply_rate,
+            limit_loopback: config.limit_loopback,
+        },
+        Instant::now(),
+    ));
     let presence = Arc::new(Presence::new(cores));
     // One secret for the QoS tables' keys per process, shared by every core.
     let qos_keys = imedge_protocol::qos::QosKeyHasher::random();
@@ -559,6 +655,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         let mesh = Arc::clone(&mesh);
         let offline = offline.clone();
         let presence = Arc::clone(&presence);
+        let admission = Arc::clone(&admission);
         let cpu = cpus.get(core % cpus.len().max(1)).copied();
         let thread = std::thread::Builder::new()
             .name(format!("imedge-core-{core}"))
@@ -573,7 +670,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
                 if let Some(offline) = offline {
                     shard = shard.with_store(offline);
                 }
-                prepared.run(core_id, shard, listeners, mesh, limits, ready)
+                prepared.run(core_id, shard, listeners, mesh, (limits, admission), ready)
             })?;
         threads.push(thread);
     }
@@ -610,13 +707,16 @@ mod tests {
 
     /// The accepted connections get the options SPEC §1.1 asks for from the listener.
     #[test]
-    fn accepted_connections_inherit_nodelay_and_keepalive() {
-        let listener = bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    fn accepted_connections_inherit_nodelay_keepalive_and_user_timeout() {
+        let stall = std::time::Duration::from_millis(7_500);
+        let listener = bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)), stall).unwrap();
         listener.set_nonblocking(false).unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap());
-        assert!(socket2::SockRef::from(&accepted).keepalive().unwrap());
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(accepted.keepalive().unwrap());
+        assert_eq!(accepted.tcp_user_timeout().unwrap(), Some(stall));
     }
 }

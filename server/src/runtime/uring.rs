@@ -8,7 +8,7 @@
 //!
 //! * Each listener: one multishot accept (`AcceptMulti`), re-armed when it ends. When the
 //!   process runs out of descriptors (EMFILE/ENFILE) the accept ends and is left ended for
-//!   [`ACCEPT_PAUSE`], then re-armed: no retry loop in between.
+//!   [`base::ACCEPT_PAUSE`], then re-armed: no retry loop in between.
 //! * Each connection: one multishot receive (`RecvMulti`) into the TCP provided buffer ring,
 //!   re-armed when it ends (for instance with ENOBUFS when every buffer was taken), and at most
 //!   one `Send` in flight, of everything queued on the connection when it was issued; a partial
@@ -69,7 +69,8 @@ use io_uring::types::{BufRingEntry, CancelBuilder, Fd, RecvMsgOut, SubmitArgs, T
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 use slab::Slab;
 
-use super::base::{self, Base, ACCEPT_PAUSE, EMFILE, ENFILE};
+use super::admit::Admission;
+use super::base::{self, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant, Wake};
 use super::{Limits, Listeners};
@@ -325,6 +326,20 @@ struct BufRing {
     owned: bool,
 }
 
+/// `struct io_uring_buf`, the kernel's layout of a provided buffer descriptor (the same as
+/// `io_uring`'s opaque [`BufRingEntry`]), so that each field can be written on its own: the
+/// `resv` of the first descriptor is the ring's tail, which must not be covered by a `&mut`.
+#[repr(C)]
+struct RawBufDescriptor {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    /// The ring's tail, in the first descriptor; never written through this struct.
+    resv: u16,
+}
+
+const _: () = assert!(size_of::<RawBufDescriptor>() == size_of::<BufRingEntry>());
+
 impl std::fmt::Debug for BufRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BufRing")
@@ -423,15 +438,25 @@ impl BufRing {
             return;
         }
         let slot = usize::from(self.tail & (self.count - 1));
-        // SAFETY: `slot < count`, so the descriptor lies inside the allocation. The kernel reads
-        // only the descriptors between its head and the published tail; this one is at the tail,
-        // so nothing else accesses it now (at most `count` buffers are ever described, so the
-        // tail never laps the head). For slot 0 the reference also spans the tail field, which
-        // only this thread writes, and not through this reference.
-        let descriptor = unsafe { &mut *self.descriptors.as_ptr().add(slot) };
-        descriptor.set_addr(self.buffers.as_ptr() as u64 + u64::from(bid) * self.size as u64);
-        descriptor.set_len(u32::try_from(self.size).unwrap_or(u32::MAX));
-        descriptor.set_bid(bid);
+        let addr = self.buffers.as_ptr() as u64 + u64::from(bid) * self.size as u64;
+        let len = u32::try_from(self.size).unwrap_or(u32::MAX);
+        // SAFETY: `slot < count`, so the descriptor lies inside the allocation, aligned (the
+        // ring is page-aligned and descriptors are 16 bytes). The kernel reads only the
+        // descriptors between its head and the published tail; this one is at the tail, so
+        // nothing else reads it now (at most `count` buffers are ever described, so the tail
+        // never laps the head). Its three fields are written through raw pointers, never through
+        // a `&mut` to the whole descriptor: the first descriptor's last field is the ring's
+        // tail, which the kernel reads concurrently.
+        unsafe {
+            let descriptor = self
+                .descriptors
+                .as_ptr()
+                .add(slot)
+                .cast::<RawBufDescriptor>();
+            std::ptr::addr_of_mut!((*descriptor).addr).write(addr);
+            std::ptr::addr_of_mut!((*descriptor).len).write(len);
+            std::ptr::addr_of_mut!((*descriptor).bid).write(bid);
+        }
         self.tail = self.tail.wrapping_add(1);
     }
 
@@ -598,15 +623,6 @@ impl Sock {
             leaving: None,
         }
     }
-
-    /// Where received bytes go: the connection's input, the leaving connection's, or nowhere.
-    fn rx<'a>(&'a mut self, conns: &'a mut Slab<base::Conn<usize>>) -> Option<&'a mut BytesMut> {
-        match (self.conn, &mut self.leaving) {
-            (Some(index), _) => conns.get_mut(index).map(|conn| &mut conn.state.rx),
-            (None, Some(leaving)) => Some(&mut leaving.state.rx),
-            (None, None) => None,
-        }
-    }
 }
 
 /// Small things the kernel reads or writes while operations are pending, in one heap block that
@@ -715,7 +731,7 @@ impl UringCore {
         listeners: Listeners,
         waker: Arc<EventFd>,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> io::Result<Self> {
         let ring = build_ring()?;
         let tcp_buffers = BufRing::new(TCP_GROUP, TCP_BUFFERS, TCP_BUFFER_SIZE)?;
@@ -734,7 +750,7 @@ impl UringCore {
             armed: false,
         };
         let mut core = Self {
-            base: Base::new(core, shard, listeners.udp, mesh, limits),
+            base: Base::new(core, shard, listeners.udp, mesh, (limits, admission)),
             ring,
             socks: Slab::new(),
             tcp: listeners.tcp.map(gateway),
@@ -997,22 +1013,16 @@ impl UringCore {
         }
         match -result {
             EMFILE | ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                tracing::warn!(
-                    error = %io::Error::from_raw_os_error(-result),
-                    "out of resources: pausing accept"
-                );
-                self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                self.base
+                    .pause_accept(now, &io::Error::from_raw_os_error(-result));
             }
             // The multishot accept ended on its own (success), was cancelled, or met a transient
             // error: accept again.
             ..=0 | libc::ECANCELED | libc::ECONNABORTED | libc::EINTR | libc::EAGAIN => {}
             _ => {
                 // Do not spin on an error that may persist: try again after a pause.
-                tracing::warn!(
-                    error = %io::Error::from_raw_os_error(-result),
-                    "accept failed: pausing accept"
-                );
-                self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                self.base
+                    .pause_accept(now, &io::Error::from_raw_os_error(-result));
             }
         }
         self.arm_accept(gate);
@@ -1027,9 +1037,15 @@ impl UringCore {
         let Ok(peer) = stream.peer_addr() else {
             return;
         };
+        // Refused: closed at once (dropped).
+        let Some(ticket) = self.base.admit(now, peer) else {
+            return;
+        };
         // TCP_NODELAY and SO_KEEPALIVE come from the listener (`bind_tcp`).
         let key = self.socks.insert(Sock::new(stream));
-        let index = self.base.open(now, key, ConnState::new(transport, peer));
+        let index = self
+            .base
+            .open(now, key, ConnState::new(transport, peer), ticket);
         if let Some(sock) = self.socks.get_mut(key) {
             sock.conn = Some(index);
         }
@@ -1089,12 +1105,20 @@ impl UringCore {
                     // A connection with input already buffered, a WebSocket upgrading or
                     // reassembling a fragmented message, closing, or leaving: append.
                     None => {
-                        if let Some(rx) = self
-                            .socks
-                            .get_mut(key)
-                            .and_then(|sock| sock.rx(&mut self.base.conns))
-                        {
-                            rx.extend_from_slice(self.tcp_buffers.bytes(bid, len));
+                        let received = self.tcp_buffers.bytes(bid, len);
+                        match conn {
+                            Some(index) => {
+                                // Over the receive bound, it is aborted and closed at the flush.
+                                self.base.absorb(index, received);
+                            }
+                            None => {
+                                let max = self.base.limits.tcp_max_body;
+                                if let Some(leaving) =
+                                    self.socks.get_mut(key).and_then(|s| s.leaving.as_mut())
+                                {
+                                    leaving.state.absorb(received, max);
+                                }
+                            }
                         }
                     }
                 }
@@ -1146,14 +1170,19 @@ impl UringCore {
         match (sock.conn, &mut sock.leaving) {
             (Some(index), _) if failed => self.close_now(now, index),
             (Some(index), _) => {
+                let mut pending = false;
                 if let Some(conn) = self.base.conns.get_mut(index) {
+                    conn.state.in_flight = 0;
                     requeue(unsent, &mut conn.state.tx);
+                    pending = !conn.state.tx.is_empty();
                     conn.state.release_empty_buffers();
                 }
+                self.base.wrote(now, index, sent > 0, pending);
                 // Send the rest, or carry out a close that waited for this send.
                 self.base.dirty.push(index);
             }
             (None, Some(leaving)) => {
+                leaving.state.in_flight = 0;
                 requeue(unsent, &mut leaving.state.tx);
                 self.settle(key);
             }
@@ -1261,7 +1290,9 @@ impl UringCore {
                 conn: state,
                 adopt,
             };
-            self.base
+            // A migrating connection is never refused (not refusable mail, see `mesh`).
+            let _ = self
+                .base
                 .outgoing
                 .send(core, Mail::Adopt(Box::new(migrant)));
         }
@@ -1277,6 +1308,11 @@ impl UringCore {
             if conn.migrate.is_some() {
                 continue;
             }
+            if conn.state.aborted {
+                // Even with a send in flight: closing ends it.
+                self.close_now(now, index);
+                continue;
+            }
             let key = conn.sock;
             if self
                 .socks
@@ -1288,7 +1324,9 @@ impl UringCore {
             }
             if !conn.state.tx.is_empty() {
                 let bytes = conn.state.tx.split();
+                conn.state.in_flight = bytes.len();
                 self.send(key, bytes);
+                self.base.wrote(now, index, false, true);
             } else if conn.state.closing {
                 self.close_now(now, index);
             }

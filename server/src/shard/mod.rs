@@ -175,6 +175,14 @@ pub trait Outbox {
     fn send(&mut self, to: Endpoint, msg: &Message<'_>);
     /// Queues a message that is already encoded (a relay or a resend).
     fn send_json(&mut self, to: Endpoint, json: &Bytes);
+    /// Replies to a UDP source that is not logged in (error 301, echo): the loop may drop it, if
+    /// the source got too many such replies lately or the reply is too large for a request of
+    /// `request_len` bytes — SPEC S4: spoofed datagrams must not turn the server into an
+    /// amplifier.
+    fn send_unauthenticated(&mut self, to: SocketAddr, msg: &Message<'_>, request_len: usize) {
+        let _ = request_len;
+        self.send(Endpoint::Udp(to), msg);
+    }
     /// Closes a connection once what is queued for it is written (WebSocket: after close
     /// 1000 "Bye"). Its [`Shard::on_closed`] follows.
     fn close(&mut self, conn: ConnId);
@@ -323,6 +331,12 @@ pub struct Stats {
     pub qos_table_full: u64,
     /// Data messages dropped (no ACK) because their session passed `session_msg_rate`.
     pub rate_limited: u64,
+    /// Keys the de-duplication windows forgot early because a window reached its byte bound
+    /// (`QosReceiverConfig::max_bytes`): a late duplicate of one of them would be delivered again.
+    pub dedup_evicted: u64,
+    /// Bytes held by the QoS tables (resend table and both windows) when the counters were
+    /// read: a gauge, summed over shards by `merge`.
+    pub qos_bytes: u64,
     /// C2C messages refused because their relay was larger than `max_message_bytes`.
     pub too_large: u64,
     /// Messages stored because the server's resends to a recipient who is still online ran
@@ -331,6 +345,16 @@ pub struct Stats {
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
+    /// Mail between cores refused because the target's inbox and the sender's overflow were
+    /// full (relays unacknowledged, datagrams and UDP logins lost); server-wide, filled in by
+    /// the control API.
+    pub mail_refused: u64,
+    /// Mail from outside the loops dropped after waiting for a full inbox; server-wide.
+    pub mail_dropped: u64,
+    /// The most mail any core held back for one target at once; server-wide.
+    pub mail_backlog_peak: u64,
+    /// The connection layer's limits hit on this core (filled in by the loop).
+    pub conn: crate::runtime::conn::ConnStats,
 }
 
 impl Stats {
@@ -348,7 +372,10 @@ impl Stats {
         self.redrained += other.redrained;
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
+        self.dedup_evicted += other.dedup_evicted;
+        self.qos_bytes += other.qos_bytes;
         self.ids_too_long += other.ids_too_long;
+        self.conn.merge(&other.conn);
     }
 }
 
@@ -390,6 +417,9 @@ pub struct Shard {
     next_fp: u64,
     /// The core that received the UDP datagram being handled (set by `on_udp`).
     udp_via: CoreId,
+    /// The size of the UDP datagram being handled (set by `on_udp`): replies to a source that
+    /// is not logged in are bounded by it.
+    udp_request_len: usize,
     /// The durable offline store, if configured.
     offline: Option<OfflineStore>,
     /// The wheel entry standing for the QoS tables' earliest deadline, and that deadline.
@@ -399,6 +429,9 @@ pub struct Shard {
     encoded: BytesMut,
     /// Users whose stored messages are being delivered, a page at a time.
     drains: HashMap<UserId<'static>, offline::Drain>,
+    /// Stored messages delivered and acknowledged whose removal the store may not have
+    /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
+    removing: offline::Removing,
     stats: Stats,
 }
 
@@ -446,10 +479,12 @@ impl Shard {
             udp_routes: HashMap::new(),
             next_fp: 0,
             udp_via: core,
+            udp_request_len: 0,
             offline: None,
             qos_timer: None,
             encoded: BytesMut::new(),
             drains: HashMap::new(),
+            removing: offline::Removing::default(),
             stats: Stats::default(),
         }
     }
@@ -488,9 +523,13 @@ impl Shard {
             .unwrap_or_else(|| Api::new(Arc::clone(&self.presence)))
     }
 
-    /// This shard's counters.
+    /// This shard's counters, with the QoS tables' own.
     pub fn stats(&self) -> Stats {
-        self.stats
+        let mut stats = self.stats;
+        stats.dedup_evicted = self.dedup.stats().evicted_keys + self.c2c_done.stats().evicted_keys;
+        let bytes = self.resend.bytes() + self.dedup.bytes() + self.c2c_done.bytes();
+        stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        stats
     }
 
     /// Number of logged-in users whose session is on this shard.
@@ -501,6 +540,13 @@ impl Shard {
     /// Whether `uid` is logged in on this shard.
     pub fn is_online(&self, uid: &str) -> bool {
         self.online.contains_key(uid)
+    }
+
+    /// Whether connection `conn` of this core has logged in (the loop's login deadline asks).
+    pub fn is_logged_in(&self, conn: ConnId) -> bool {
+        self.sessions
+            .get(&Endpoint::Conn(conn))
+            .is_some_and(|session| session.uid.is_some())
     }
 
     /// A TCP or WebSocket connection was accepted on this core.
@@ -596,6 +642,7 @@ impl Shard {
             session.via = via;
         }
         self.udp_via = via;
+        self.udp_request_len = bytes.len();
         match self.decoder.decode(bytes) {
             Ok(msg) => {
                 self.stats.messages_in += 1;
@@ -843,7 +890,12 @@ impl Shard {
                 // SPEC §4.7: type 53 with everything else unchanged; no login needed. Not put in
                 // the resend queue even with QoS (hazard R9).
                 let reply = msg.clone().echo_response();
-                self.send(now, endpoint, reply, out);
+                match endpoint {
+                    Endpoint::Udp(addr) if !self.sessions.contains_key(&endpoint) => {
+                        self.send_unauthenticated(now, addr, reply, out);
+                    }
+                    _ => self.send(now, endpoint, reply, out),
+                }
             }
             (Kind::Logout, Some((uid, ..))) => {
                 tracing::debug!(uid = uid.as_str(), "logout");
@@ -909,6 +961,15 @@ impl Shard {
         msg: &Message<'_>,
         out: &mut dyn Outbox,
     ) {
+        if let Endpoint::Udp(addr) = endpoint {
+            // SPEC S4: over UDP the request is not reflected (its source may be spoofed).
+            let reply = Message::error(ErrorResponse {
+                code: ERROR_NOT_LOGGED_IN,
+                message: None,
+            });
+            self.send_unauthenticated(now, addr, reply, out);
+            return;
+        }
         let json = msg.to_json();
         let text = String::from_utf8_lossy(&json);
         let reply = Message::error(ErrorResponse {
@@ -919,6 +980,20 @@ impl Shard {
         if let Endpoint::Conn(conn) = endpoint {
             out.close(conn);
         }
+    }
+
+    /// A reply to a UDP source that is not logged in ([`Outbox::send_unauthenticated`]).
+    fn send_unauthenticated(
+        &self,
+        now: Now,
+        to: SocketAddr,
+        mut msg: Message<'_>,
+        out: &mut dyn Outbox,
+    ) {
+        if self.config.server_timestamps {
+            msg.sm = now.epoch_ms;
+        }
+        out.send_unauthenticated(to, &msg, self.udp_request_len);
     }
 
     /// Closes a session on request (logout, refused login…): TCP/WS connections are closed

@@ -11,7 +11,9 @@
 //!   away mid-delivery gets the rest at its next login.
 //! * At shutdown, messages still waiting in the resend table are stored before the loop exits.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use imedge_protocol::{Fingerprint, UserId};
 
@@ -20,7 +22,7 @@ use super::{CoreId, Now, Outbox, Pending, Shard, ShardMsg};
 use crate::store::{group::GroupCommit, Offline, Store};
 
 /// Stored messages sent per page at login. Bounded so a large backlog neither stalls the loop
-/// nor overflows the connection's send buffer (`MAX_TX_BUFFER`): the next page goes out when
+/// nor overflows the connection's send budget (`--max-send-buffer`): the next page goes out when
 /// the recipient has acknowledged (or lost) the current one.
 pub const LOGIN_PAGE: usize = 256;
 
@@ -53,6 +55,54 @@ pub(super) struct Drain {
     last_seq: u64,
     /// The last page was full: there may be more.
     more: bool,
+}
+
+/// How long a removal is remembered: far longer than the store takes to commit one (its writer
+/// commits what is queued at every turn), short enough that what a user who never comes back
+/// left here is forgotten soon.
+const REMOVING_HORIZON: Duration = Duration::from_secs(60);
+
+/// Users with more remembered removals than this are swept of old ones at the next insert:
+/// the table stays proportional to recent acknowledgements.
+const REMOVING_SWEEP_USERS: usize = 1024;
+
+/// Seqs of stored messages, per user, that were acknowledged and handed to the store for
+/// removal — filtered out of the pages read until a page shows them gone.
+#[derive(Debug, Default)]
+pub(super) struct Removing(HashMap<UserId<'static>, (Instant, HashSet<u64>)>);
+
+impl Removing {
+    fn insert(&mut self, now: Instant, uid: &UserId<'static>, seqs: &[u64]) {
+        if self.0.len() >= REMOVING_SWEEP_USERS && !self.0.contains_key(uid) {
+            self.0.retain(|_, (touched, _)| {
+                now.saturating_duration_since(*touched) < REMOVING_HORIZON
+            });
+        }
+        let (touched, set) = self
+            .0
+            .entry(uid.clone())
+            .or_insert_with(|| (now, HashSet::new()));
+        *touched = now;
+        set.extend(seqs);
+    }
+
+    /// Whether `seq` of `uid` is being removed.
+    fn contains(&self, uid: &UserId<'static>, seq: u64) -> bool {
+        self.0.get(uid).is_some_and(|(_, set)| set.contains(&seq))
+    }
+
+    /// A page of `uid`'s messages after `after` was read: removals in its range that it does
+    /// not contain are committed, and forgotten.
+    fn settle(&mut self, uid: &UserId<'static>, after: u64, page: &[u64], full: bool) {
+        let Some((_, set)) = self.0.get_mut(uid) else {
+            return;
+        };
+        let last = page.iter().copied().max().unwrap_or(after);
+        set.retain(|&seq| seq <= after || (full && seq > last) || page.contains(&seq));
+        if set.is_empty() {
+            self.0.remove(uid);
+        }
+    }
 }
 
 impl Shard {
@@ -153,6 +203,7 @@ impl Shard {
             return;
         };
         offline.writer.remove(item.to.as_str(), vec![seq]);
+        self.removing.insert(now.mono, &item.to, &[seq]);
         self.drain_progress(now, &item.to, out);
     }
 
@@ -232,15 +283,20 @@ impl Shard {
             last_seq: after,
             more: page.len() == LOGIN_PAGE,
         };
+        let seqs: Vec<u64> = page.iter().map(|stored| stored.seq).collect();
+        self.removing.settle(uid, after, &seqs, drain.more);
         let mut unacked = Vec::new();
+        let mut table_full = false;
         for stored in page {
             drain.last_seq = drain.last_seq.max(stored.seq);
-            out.send_json(endpoint, &stored.json);
-            self.stats.delivered += 1;
+            if self.removing.contains(uid, stored.seq) {
+                continue;
+            }
             match stored.fp {
                 Some(fp) => {
                     let fp = Fingerprint::from(fp);
                     let key = self.qos_key(uid.as_str(), fp.as_str());
+                    let json = stored.json.clone();
                     let pending = Pending {
                         to: uid.clone(),
                         from: UserId::from(stored.from),
@@ -249,19 +305,69 @@ impl Shard {
                         seq: Some(stored.seq),
                     };
                     let heap = pending.heap_bytes();
-                    if self.resend.insert(now.mono, key, pending, heap).is_ok() {
-                        drain.in_flight += 1;
+                    if self.resend.insert(now.mono, key, pending, heap).is_err() {
+                        // Written only with a resend entry: it stays stored for a later drain.
+                        self.stats.qos_table_full += 1;
+                        table_full = true;
+                        continue;
                     }
+                    out.send_json(endpoint, &json);
+                    self.stats.delivered += 1;
+                    drain.in_flight += 1;
                 }
                 // Stored without QoS: nobody will ACK it; it was delivered best-effort.
-                None => unacked.push(stored.seq),
+                None => {
+                    out.send_json(endpoint, &stored.json);
+                    self.stats.delivered += 1;
+                    unacked.push(stored.seq);
+                }
             }
         }
         if !unacked.is_empty() {
+            self.removing.insert(now.mono, uid, &unacked);
             writer.remove(uid.as_str(), unacked);
         }
         if drain.in_flight > 0 {
             self.drains.insert(uid.clone(), drain);
+        } else if drain.more && !table_full {
+            // Nothing of this page waits for an ACK (it was all being removed, or sent without
+            // QoS): on to the next one. (Not when the resend table is full: the rest waits for
+            // a later drain.)
+            self.page_into(now, uid, drain.last_seq, out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removals_are_filtered_until_a_page_shows_them_gone() {
+        let now = Instant::now();
+        let uid = UserId::from("carol".to_owned());
+        let mut removing = Removing::default();
+        removing.insert(now, &uid, &[3, 7, 300]);
+        assert!(removing.contains(&uid, 3) && removing.contains(&uid, 300));
+        // A full page of seqs 1..=8 still holds 3 and 7 (not committed yet); 300 is beyond it.
+        removing.settle(&uid, 0, &[1, 2, 3, 4, 5, 6, 7, 8], true);
+        assert!(removing.contains(&uid, 3) && removing.contains(&uid, 300));
+        // The next read no longer has 3 and 7: forgotten. A last (short) page forgets 300.
+        removing.settle(&uid, 0, &[1, 2, 4], false);
+        assert!(!removing.contains(&uid, 3) && !removing.contains(&uid, 7));
+        assert!(!removing.contains(&uid, 300));
+        assert!(removing.0.is_empty());
+    }
+
+    #[test]
+    fn old_removals_are_swept_when_the_table_grows() {
+        let now = Instant::now();
+        let mut removing = Removing::default();
+        for n in 0..REMOVING_SWEEP_USERS {
+            removing.insert(now, &UserId::from(format!("u{n}")), &[1]);
+        }
+        let later = now + REMOVING_HORIZON;
+        removing.insert(later, &UserId::from("new".to_owned()), &[1]);
+        assert_eq!(removing.0.len(), 1);
     }
 }

@@ -1134,3 +1134,66 @@ fn data_past_the_session_rate_is_dropped_without_ack() {
     w.frame(b, &data("bob", "0", "x", Some("fp-b")));
     assert_eq!(w.take(conn(b)).len(), 1);
 }
+
+#[test]
+fn dedup_windows_are_bounded_in_bytes_and_count_evictions() {
+    let probe = Arc::new(Probe::default());
+    let mut w = World::with_config(1, probe.clone(), |c| {
+        c.dedup.max_bytes = 16 << 10;
+        c.session_msg_rate = 0;
+    });
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..5_000 {
+        w.frame(a, &data("alice", "0", "x", Some(&format!("fp-{i}"))));
+        if i % 500 == 0 {
+            w.advance(Duration::from_secs(5));
+        }
+    }
+    let stats = w.shards[0].stats();
+    assert!(stats.dedup_evicted > 0);
+    assert!(
+        stats.qos_bytes <= 2 * (16 << 10),
+        "{} bytes",
+        stats.qos_bytes
+    );
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 5_000);
+    // The newest is still known: its resend is ACKed, not handed to the application again.
+    w.frame(a, &data("alice", "0", "x", Some("fp-4999")));
+    assert_eq!(probe.c2s.load(Ordering::SeqCst), 5_000);
+}
+
+#[test]
+fn stored_messages_are_written_only_with_a_resend_entry() {
+    let store = TestStore::new("drain-full");
+    let mut w = world_with_store(1, &store);
+    for shard in &mut w.shards {
+        shard.resend = QosSender::new(
+            QosSenderConfig {
+                max_pending: 1,
+                ..QosSenderConfig::SERVER
+            },
+            w.now.mono,
+        );
+    }
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..3 {
+        w.frame(
+            a,
+            &data("alice", "carol", &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    store.settle(&mut w, 3);
+    store.wait_stored("carol", 3);
+    // Carol logs in: the table has room for one, so one is written; the others are not sent
+    // untracked, they stay stored.
+    let c = w.open(0, 2, Transport::Tcp);
+    w.login(c, "carol", 0);
+    let got: Vec<_> = w.take(conn(c)).into_iter().skip(1).collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].text(), Some("m0"));
+    assert_eq!(w.shards[0].stats().qos_table_full, 2);
+    w.frame(c, &ack("carol", "alice", "fp0"));
+    store.wait_stored("carol", 2);
+}

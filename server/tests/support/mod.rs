@@ -44,6 +44,9 @@ pub fn config(threads: usize) -> ServerConfig {
         // The reference's behaviour unless a test asks for the store: the offline hook decides.
         offline_store: false,
         data_dir: temp_dir("data"),
+        // Tests send bursts (a thousand messages at once) far beyond any person's: the per-session
+        // rate limit is off unless a test turns it on (`gateways::session_rate_limit_…`).
+        session_msg_rate: 0,
         ..ServerConfig::default()
     }
 }
@@ -297,6 +300,26 @@ impl Client {
                 let _ = stream.write_all(&out);
             }
         }
+    }
+
+    /// Sends one message body framed for the transport, like [`Client::send_body`], waiting at
+    /// most [`WAIT`] for the socket to take it. Returns whether it was written in full (not:
+    /// the server closed the connection, or stopped reading).
+    pub fn try_send_body(&mut self, body: &[u8]) -> bool {
+        let mut out = BytesMut::new();
+        let stream = match &mut self.link {
+            Link::Tcp(stream, _) => {
+                tcp::encode_body(body, &mut out);
+                stream
+            }
+            Link::Ws(stream, ..) => {
+                ws::encode_text(body, Some([0x37, 0xfa, 0x21, 0x3d]), &mut out);
+                stream
+            }
+            Link::Udp(socket) => return socket.send(body).is_ok(),
+        };
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        stream.write_all(&out).is_ok()
     }
 
     /// Half-closes a TCP or WebSocket connection (the client's FIN); nothing for UDP.
