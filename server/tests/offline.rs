@@ -170,6 +170,80 @@ fn per_user_limit_and_expiry() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn sender_quota_and_byte_cap_refuse_without_ack() {
+    // The quota: a sender inventing recipients is stopped (no ACK) after max_per_sender.
+    let dir = temp_dir("offline-quota");
+    let mut cfg = with_store(1, &dir);
+    cfg.offline_max_per_sender = 3;
+    let server = Server::with(cfg, Arc::new(AllowAll));
+    let mut mallory = server.connect(T::Tcp);
+    mallory.login("mallory");
+    for n in 0..5 {
+        mallory.send(&data(
+            "mallory",
+            &format!("invented-{n}"),
+            "x",
+            Some(&format!("q{n}")),
+        ));
+    }
+    for n in 0..3 {
+        let a = mallory.expect(Kind::Ack);
+        assert_eq!(a.from.as_ref().unwrap().as_str(), format!("invented-{n}"));
+    }
+    mallory.expect_quiet();
+    // Someone else still gets through; a delivered message gives the quota back.
+    let mut bob = server.connect(T::Tcp);
+    bob.login("bob");
+    bob.send(&data("bob", "invented-9", "y", Some("b1")));
+    bob.expect(Kind::Ack);
+    let mut first = server.connect(T::Tcp);
+    first.login("invented-0");
+    assert_eq!(drain(&mut first, "invented-0", 1), ["x"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 10;
+    loop {
+        // The removal commits asynchronously: resend a new message until the quota has room.
+        mallory.send(&data("mallory", "invented-10", "z", Some(&format!("r{n}"))));
+        if matches!(mallory.recv_within(Duration::from_millis(300)), Recv::Message(m) if m.kind == Kind::Ack)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "quota never freed");
+        n += 1;
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The byte cap: room for about two messages in all.
+    let dir = temp_dir("offline-capacity");
+    let mut cfg = with_store(1, &dir);
+    cfg.offline_max_bytes = 500;
+    let server = Server::with(cfg, Arc::new(AllowAll));
+    let mut alice = server.connect(T::Tcp);
+    alice.login("alice");
+    for n in 0..4 {
+        alice.send(&data(
+            "alice",
+            &format!("away-{n}"),
+            "x",
+            Some(&format!("c{n}")),
+        ));
+    }
+    let acked = (0..4)
+        .take_while(|_| {
+            matches!(alice.recv_within(Duration::from_secs(2)), Recv::Message(m) if m.kind == Kind::Ack)
+        })
+        .count();
+    assert!(
+        (1..4).contains(&acked),
+        "{acked} of 4 ACKed with a 500-byte cap"
+    );
+    alice.expect_quiet();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The `imedge` binary on a TCP port only, with its store in `dir`. The caller waits for it.
 #[allow(clippy::zombie_processes)]
 fn spawn(dir: &std::path::Path) -> (Child, u16) {
@@ -187,6 +261,8 @@ fn spawn(dir: &std::path::Path) -> (Child, u16) {
         .args(["--threads", "2", "--no-pin", "true"])
         // The kill -9 test streams 10,000 messages from one session at once.
         .args(["--session-msg-rate", "0"])
+        // ... and stores them all for one offline user: no per-sender quota in the way.
+        .args(["--offline-max-per-sender", "100000"])
         .arg("--data-dir")
         .arg(dir)
         .stdout(Stdio::piped())

@@ -478,6 +478,8 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     let limits = StoreLimits {
         max_per_user: config.offline_max_per_user,
         max_age: config.offline_max_age,
+        max_per_sender: config.offline_max_per_sender,
+        max_bytes: config.offline_max_bytes,
     };
     let store: Arc<dyn Store> = Arc::new(
         RedbStore::open(&config.data_dir, limits)
@@ -488,6 +490,8 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     tracing::info!(
         dir = %config.data_dir.display(),
         max_per_user = limits.max_per_user,
+        max_per_sender = limits.max_per_sender,
+        max_bytes = limits.max_bytes,
         max_age_secs = limits.max_age.as_secs(),
         "offline store: on"
     );

@@ -118,6 +118,7 @@ impl Shard {
             fp: delivery.fp.as_ref().map(|fp| fp.as_str().to_owned()),
             json: delivery.json.clone(),
             stored_at_ms: now.epoch_ms,
+            sender_acked: false,
         };
         let receipt = match (delivery.reply_to, delivery.qos, delivery.fp) {
             (Some(core), true, Some(fp)) => Some((
@@ -171,6 +172,7 @@ impl Shard {
             fp: Some(item.fp.as_str().to_owned()),
             json: item.json.clone(),
             stored_at_ms: now.epoch_ms,
+            sender_acked: true,
         };
         let (post, core, uid) = (Arc::clone(&offline.post), self.config.core, item.to.clone());
         offline.writer.submit(
@@ -246,6 +248,7 @@ impl Shard {
                 fp: Some(item.fp.as_str().to_owned()),
                 json: item.json,
                 stored_at_ms: now.epoch_ms,
+                sender_acked: true,
             })
             .collect();
         if records.is_empty() {

@@ -334,6 +334,7 @@ mod tests {
     fn unlimited() -> Limits {
         Limits {
             max_per_user: usize::MAX,
+            max_per_sender: usize::MAX,
             ..Limits::default()
         }
     }

@@ -11,7 +11,10 @@
 //! * a message is de-duplicated by `(to, from, fp)` while it is stored, so a sender's resend is
 //!   never stored twice (a message without a fingerprint is never de-duplicated);
 //! * a message leaves the store only when the recipient ACKed it ([`Store::remove`]) or when it
-//!   expired ([`Limits::max_age`]); expiry and the per-user limit are counted, never silent;
+//!   expired ([`Limits::max_age`]); expiry and every limit are counted, never silent;
+//! * the store is bounded: per recipient ([`Limits::max_per_user`]), per sender
+//!   ([`Limits::max_per_sender`]) and in bytes ([`Limits::max_bytes`]); a refused message is not
+//!   durable, so its sender gets no ACK and its SDK reports it lost;
 //! * bodies are kept as the encoded JSON bytes the sender's core produced, never re-parsed.
 //!
 //! # Layout
@@ -43,6 +46,10 @@ pub struct Offline {
     pub json: Bytes,
     /// When it was stored (ms since the Unix epoch, the server's clock); expiry counts from here.
     pub stored_at_ms: i64,
+    /// Its sender was already ACKed (a real-time delivery reported lost, or the resend table at
+    /// shutdown): refusing it now would lose an acknowledged message, so the per-sender quota
+    /// and the byte cap do not apply (what such messages add is bounded by the resend tables).
+    pub sender_acked: bool,
 }
 
 /// What [`Store::append`] did with one message.
@@ -54,6 +61,11 @@ pub enum Appended {
     Duplicate { seq: u64 },
     /// The recipient already has [`Limits::max_per_user`] messages stored; nothing was written.
     OverLimit,
+    /// The sender already has [`Limits::max_per_sender`] messages stored for others; nothing was
+    /// written.
+    OverSenderQuota,
+    /// The store already holds [`Limits::max_bytes`]; nothing was written.
+    OverCapacity,
 }
 
 impl Appended {
@@ -81,6 +93,21 @@ pub struct Stored {
 /// abused account could fill the disk; the sender gets no ACK instead (and the count shows it).
 pub const DEFAULT_MAX_PER_USER: usize = 10_000;
 
+/// Default [`Limits::max_per_sender`]: messages one sender may have stored for other users at
+/// once. A person writing to friends who are offline stays far below it; a client inventing
+/// recipients (every message to a new user id passes the per-user limit) is stopped after a
+/// thousand instead of filling the disk. The server itself ([`SERVER_SENDER`]) is exempt.
+pub const DEFAULT_MAX_PER_SENDER: usize = 1_000;
+
+/// Default [`Limits::max_bytes`]: 1 GiB of stored records in total — millions of ordinary
+/// messages, yet a bound that keeps the disk (and the open-time rebuild of the accounting)
+/// finite whatever many senders do together.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+
+/// The sender id of server-sent (S2C) messages: exempt from [`Limits::max_per_sender`], since
+/// what the server sends is the application's choice, not a peer's.
+pub const SERVER_SENDER: &str = "0";
+
 /// Default [`Limits::max_age`]: a week, long enough to cover a phone that was off over a holiday,
 /// short enough that the store does not become an archive (chat history is the application's).
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -92,6 +119,12 @@ pub struct Limits {
     pub max_per_user: usize,
     /// Messages older than this are dropped (and counted) instead of delivered.
     pub max_age: Duration,
+    /// Messages stored per sender (for any recipients); further appends return
+    /// [`Appended::OverSenderQuota`]. [`SERVER_SENDER`] is exempt.
+    pub max_per_sender: usize,
+    /// Bytes of stored records in total; an append that would pass it returns
+    /// [`Appended::OverCapacity`].
+    pub max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -99,6 +132,8 @@ impl Default for Limits {
         Self {
             max_per_user: DEFAULT_MAX_PER_USER,
             max_age: DEFAULT_MAX_AGE,
+            max_per_sender: DEFAULT_MAX_PER_SENDER,
+            max_bytes: DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -124,6 +159,14 @@ pub struct StoreStats {
     pub duplicates: u64,
     /// Appends refused by [`Limits::max_per_user`] ([`Appended::OverLimit`]).
     pub over_limit: u64,
+    /// Appends refused by [`Limits::max_per_sender`] ([`Appended::OverSenderQuota`]).
+    pub over_sender_quota: u64,
+    /// Appends refused by [`Limits::max_bytes`] ([`Appended::OverCapacity`]).
+    pub over_capacity: u64,
+    /// Messages held now (gauge).
+    pub held: u64,
+    /// Bytes of records held now (gauge), what [`Limits::max_bytes`] bounds.
+    pub held_bytes: u64,
     /// Messages dropped by [`Limits::max_age`] (by `pending` or `expire`).
     pub expired: u64,
     /// Messages deleted by [`Store::remove`] (delivered and ACKed).
@@ -201,6 +244,8 @@ pub(crate) struct Counters {
     stored: AtomicU64,
     duplicates: AtomicU64,
     over_limit: AtomicU64,
+    over_sender_quota: AtomicU64,
+    over_capacity: AtomicU64,
     expired: AtomicU64,
     removed: AtomicU64,
     commits: AtomicU64,
@@ -210,16 +255,23 @@ impl Counters {
     /// Adds a committed append's outcomes.
     pub(crate) fn appended(&self, outcomes: &[Appended]) {
         let (mut stored, mut duplicates, mut over_limit) = (0, 0, 0);
+        let (mut over_sender_quota, mut over_capacity) = (0, 0);
         for outcome in outcomes {
             match outcome {
                 Appended::Stored { .. } => stored += 1,
                 Appended::Duplicate { .. } => duplicates += 1,
                 Appended::OverLimit => over_limit += 1,
+                Appended::OverSenderQuota => over_sender_quota += 1,
+                Appended::OverCapacity => over_capacity += 1,
             }
         }
         self.stored.fetch_add(stored, Ordering::Relaxed);
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         self.over_limit.fetch_add(over_limit, Ordering::Relaxed);
+        self.over_sender_quota
+            .fetch_add(over_sender_quota, Ordering::Relaxed);
+        self.over_capacity
+            .fetch_add(over_capacity, Ordering::Relaxed);
     }
 
     pub(crate) fn expired(&self, n: u64) {
@@ -239,6 +291,10 @@ impl Counters {
             stored: self.stored.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             over_limit: self.over_limit.load(Ordering::Relaxed),
+            over_sender_quota: self.over_sender_quota.load(Ordering::Relaxed),
+            over_capacity: self.over_capacity.load(Ordering::Relaxed),
+            held: 0,
+            held_bytes: 0,
             expired: self.expired.load(Ordering::Relaxed),
             removed: self.removed.load(Ordering::Relaxed),
             commits: self.commits.load(Ordering::Relaxed),
@@ -296,6 +352,7 @@ pub(crate) mod testutil {
             fp: Some(format!("fp-{from}-{n}")),
             json: body(to, from, n),
             stored_at_ms: at_ms,
+            sender_acked: false,
         }
     }
 

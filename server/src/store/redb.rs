@@ -29,14 +29,16 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ::redb::{
     Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
 use bytes::Bytes;
 
-use super::{Appended, Counters, Limits, Offline, Store, StoreError, StoreStats, Stored};
+use super::{
+    Appended, Counters, Limits, Offline, Store, StoreError, StoreStats, Stored, SERVER_SENDER,
+};
 
 /// The store's file name under the data directory.
 pub const FILE_NAME: &str = "offline.redb";
@@ -71,6 +73,52 @@ pub struct RedbStore {
     db: Database,
     limits: Limits,
     counters: Counters,
+    /// What the per-sender quota and the byte cap are checked against: kept in memory (rebuilt
+    /// by one scan at open) so an append needs no extra table. Locked for the whole of every
+    /// write transaction, before it begins, and updated only after its commit — so it always
+    /// equals what is durable.
+    held: Mutex<Held>,
+}
+
+/// The store's contents in numbers (see [`RedbStore::held`]).
+#[derive(Debug, Default)]
+struct Held {
+    /// Messages stored, per sender (a sender with none has no entry).
+    per_sender: HashMap<String, u64>,
+    /// Messages stored.
+    messages: u64,
+    /// Bytes stored: [`size`] of every message.
+    bytes: u64,
+}
+
+impl Held {
+    fn freed(&mut self, freed: &[Freed]) {
+        for f in freed {
+            self.messages = self.messages.saturating_sub(1);
+            self.bytes = self.bytes.saturating_sub(f.bytes);
+            if let Some(from) = &f.from {
+                if let Some(n) = self.per_sender.get_mut(from) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.per_sender.remove(from);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A deleted message, as [`Held`] counts it.
+#[derive(Debug)]
+struct Freed {
+    /// Its sender (`None`: the record was malformed).
+    from: Option<String>,
+    bytes: u64,
+}
+
+/// What a message counts against [`Limits::max_bytes`]: its record and its key.
+fn size(to: &str, record_len: usize) -> u64 {
+    (to.len() + record_len) as u64
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -94,9 +142,39 @@ impl RedbStore {
             db,
             limits,
             counters: Counters::default(),
+            held: Mutex::new(Held::default()),
         };
         store.init()?;
+        let held = store.scan()?;
+        *store.lock() = held;
         Ok(store)
+    }
+
+    /// Counts what is stored (one pass over the messages).
+    fn scan(&self) -> Result<Held, StoreError> {
+        let mut held = Held::default();
+        let txn = self.db.begin_read()?;
+        let messages = txn.open_table(MESSAGES)?;
+        for entry in messages.iter()? {
+            let (key, value) = entry?;
+            let (to, _) = key.value();
+            let value = value.value();
+            held.messages += 1;
+            held.bytes += size(to, value.len());
+            // A malformed record counts in bytes only; `pending` reports it.
+            if let Ok(record) = record::decode(value) {
+                *held.per_sender.entry(record.from.to_owned()).or_default() += 1;
+            }
+        }
+        Ok(held)
+    }
+
+    /// The accounting, for one write transaction (a poisoned lock is still consistent: it is
+    /// updated only after a commit, in one step).
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The limits this store enforces.
@@ -154,25 +232,28 @@ impl RedbStore {
         if seqs.is_empty() {
             return Ok(0);
         }
+        let mut held = self.lock();
         let txn = self.begin_write()?;
-        let mut deleted = 0;
+        let mut freed = Vec::new();
         {
             let mut tables = Tables::open(&txn)?;
             for &seq in seqs {
-                if tables.delete(to, seq)? {
-                    deleted += 1;
+                if let Some(f) = tables.delete(to, seq)? {
+                    freed.push(f);
                 }
             }
         }
-        self.finish(txn, deleted > 0)?;
-        Ok(deleted)
+        self.finish(txn, !freed.is_empty())?;
+        held.freed(&freed);
+        Ok(freed.len() as u64)
     }
 
     /// One chunk of [`Store::expire`]: deletes up to [`EXPIRE_CHUNK`] messages stored before
     /// `cutoff_ms`; returns (deleted, whether more may remain).
     fn expire_chunk(&self, cutoff_ms: i64) -> Result<(u64, bool), StoreError> {
+        let mut held = self.lock();
         let txn = self.begin_write()?;
-        let mut deleted = 0;
+        let mut freed = Vec::new();
         let mut due = Vec::new();
         {
             let mut tables = Tables::open(&txn)?;
@@ -187,13 +268,14 @@ impl RedbStore {
             for (at, to, seq) in &due {
                 // The index row goes even if its message is missing, so the loop always advances.
                 tables.by_age.remove((*at, to.as_str(), *seq))?;
-                if tables.delete(to, *seq)? {
-                    deleted += 1;
+                if let Some(f) = tables.delete(to, *seq)? {
+                    freed.push(f);
                 }
             }
         }
         self.finish(txn, !due.is_empty())?;
-        Ok((deleted, due.len() >= EXPIRE_CHUNK))
+        held.freed(&freed);
+        Ok((freed.len() as u64, due.len() >= EXPIRE_CHUNK))
     }
 }
 
@@ -204,8 +286,13 @@ impl Store for RedbStore {
             return Ok(outcomes);
         }
         let max_per_user = u64::try_from(self.limits.max_per_user).unwrap_or(u64::MAX);
+        let max_per_sender = u64::try_from(self.limits.max_per_sender).unwrap_or(u64::MAX);
+        let mut held = self.lock();
         let txn = self.begin_write()?;
         let mut stored_any = false;
+        // What this batch adds to `held`, applied once it is committed.
+        let mut added_per_sender: HashMap<&str, u64> = HashMap::new();
+        let mut added_bytes = 0u64;
         {
             let mut tables = Tables::open(&txn)?;
             let mut meta = txn.open_table(META)?;
@@ -240,12 +327,35 @@ impl Store for RedbStore {
                     outcomes.push(Appended::OverLimit);
                     continue;
                 }
+                let from = msg.from.as_str();
+                let sent = held.per_sender.get(from).copied().unwrap_or(0)
+                    + added_per_sender.get(from).copied().unwrap_or(0);
+                if !msg.sender_acked && from != SERVER_SENDER && sent >= max_per_sender {
+                    tracing::debug!(from, max_per_sender, "sender's offline quota full: refused");
+                    outcomes.push(Appended::OverSenderQuota);
+                    continue;
+                }
+                record::encode(msg, &mut record)?;
+                let bytes = size(to, record.len());
+                if !msg.sender_acked
+                    && held.bytes.saturating_add(added_bytes).saturating_add(bytes)
+                        > self.limits.max_bytes
+                {
+                    tracing::debug!(
+                        to,
+                        max_bytes = self.limits.max_bytes,
+                        "offline store full: refused"
+                    );
+                    outcomes.push(Appended::OverCapacity);
+                    continue;
+                }
                 let seq = next_seq;
                 next_seq = seq.checked_add(1).ok_or(StoreError::Corrupt {
                     what: "sequence counter",
                     detail: "exhausted".to_owned(),
                 })?;
-                record::encode(msg, &mut record)?;
+                *added_per_sender.entry(from).or_default() += 1;
+                added_bytes += bytes;
                 tables.messages.insert((to, seq), record.as_slice())?;
                 if let Some(fp) = &msg.fp {
                     tables
@@ -269,6 +379,12 @@ impl Store for RedbStore {
         // Duplicates were already durable; over-limit messages were not written: a batch that
         // stored nothing needs no commit.
         self.finish(txn, stored_any)?;
+        for (from, n) in added_per_sender {
+            held.messages += n;
+            *held.per_sender.entry(from.to_owned()).or_default() += n;
+        }
+        held.bytes += added_bytes;
+        drop(held);
         self.counters.appended(&outcomes);
         Ok(outcomes)
     }
@@ -343,7 +459,11 @@ impl Store for RedbStore {
     }
 
     fn stats(&self) -> StoreStats {
-        self.counters.snapshot()
+        let mut stats = self.counters.snapshot();
+        let held = self.lock();
+        stats.held = held.messages;
+        stats.held_bytes = held.bytes;
+        stats
     }
 }
 
@@ -371,12 +491,17 @@ impl<'txn> Tables<'txn> {
     /// reported by `pending` is got rid of); its index rows cannot be found without it, so they
     /// are left: `expire` drops a `by_age` row whose message is gone, and `append` ignores a
     /// `dedup` row whose message is gone.
-    fn delete(&mut self, to: &str, seq: u64) -> Result<bool, StoreError> {
+    fn delete(&mut self, to: &str, seq: u64) -> Result<Option<Freed>, StoreError> {
         let Some(removed) = self.messages.remove((to, seq))? else {
-            return Ok(false);
+            return Ok(None);
+        };
+        let mut freed = Freed {
+            from: None,
+            bytes: size(to, removed.value().len()),
         };
         match record::decode(removed.value()) {
             Ok(record) => {
+                freed.from = Some(record.from.to_owned());
                 if let Some(fp) = record.fp {
                     let key = (to, record.from, fp);
                     // Only the row that names this message (a stale row may name another).
@@ -397,7 +522,7 @@ impl<'txn> Tables<'txn> {
         } else {
             self.counts.insert(to, count - 1)?;
         }
-        Ok(true)
+        Ok(Some(freed))
     }
 }
 
@@ -748,11 +873,102 @@ mod tests {
     }
 
     #[test]
+    fn the_per_sender_quota_refuses_and_counts_but_not_the_server() {
+        let dir = TempDir::new("sender-quota");
+        let limits = Limits {
+            max_per_sender: 3,
+            ..Limits::default()
+        };
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        // A sender inventing recipients: each queue is far from its per-user limit.
+        let batch: Vec<Offline> = (0..5)
+            .map(|n| msg(&format!("u{n}"), "mallory", n, 0))
+            .collect();
+        let out = store.append(&batch).unwrap();
+        assert_eq!(seqs(&out[..3]), [1, 2, 3]);
+        assert_eq!(out[3..], [Appended::OverSenderQuota; 2]);
+        assert!(!Appended::OverSenderQuota.is_durable());
+        assert_eq!(store.stats().over_sender_quota, 2);
+        // A resend of a stored one is a duplicate (ACKed), others are unaffected, and the
+        // server ("0") is exempt.
+        let out = store
+            .append(&[batch[0].clone(), msg("u9", "alice", 9, 0)])
+            .unwrap();
+        assert_eq!(
+            out,
+            [Appended::Duplicate { seq: 1 }, Appended::Stored { seq: 4 }]
+        );
+        let s2c: Vec<Offline> = (0..5).map(|n| msg("u0", SERVER_SENDER, n, 0)).collect();
+        assert_eq!(seqs(&store.append(&s2c).unwrap()).len(), 5);
+        // Delivery (and expiry) gives the quota back; the count is rebuilt at open.
+        store.remove("u1", &[2]).unwrap();
+        assert_eq!(seqs(&store.append(&batch[3..4]).unwrap()), [10]);
+        assert_eq!(
+            store.append(&batch[4..5]).unwrap(),
+            [Appended::OverSenderQuota]
+        );
+        drop(store);
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        assert_eq!(
+            store.append(&batch[4..5]).unwrap(),
+            [Appended::OverSenderQuota]
+        );
+        store.remove("u0", &[1]).unwrap();
+        assert_eq!(seqs(&store.append(&batch[4..5]).unwrap()), [11]);
+    }
+
+    #[test]
+    fn the_byte_cap_refuses_and_counts() {
+        let dir = TempDir::new("capacity");
+        let one = {
+            let m = msg("u", "s", 0, 0);
+            let mut record = Vec::new();
+            record::encode(&m, &mut record).unwrap();
+            size("u", record.len())
+        };
+        let limits = Limits {
+            max_bytes: one * 3 + one / 2,
+            ..Limits::default()
+        };
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        let batch: Vec<Offline> = (0..5).map(|n| msg("u", "s", n, 0)).collect();
+        let out = store.append(&batch).unwrap();
+        assert_eq!(seqs(&out[..3]), [1, 2, 3]);
+        assert_eq!(out[3..], [Appended::OverCapacity; 2]);
+        assert!(!Appended::OverCapacity.is_durable());
+        let stats = store.stats();
+        assert_eq!(
+            (stats.over_capacity, stats.held, stats.held_bytes),
+            (2, 3, 3 * one)
+        );
+        // The server is not exempt from the cap: it bounds the disk. A message whose sender was
+        // already ACKed (lost real-time delivery) is: refusing it would lose it.
+        let s2c = msg("v", SERVER_SENDER, 0, 0);
+        assert_eq!(store.append(&[s2c]).unwrap(), [Appended::OverCapacity]);
+        let mut lost = msg("v", "s", 0, 0);
+        lost.sender_acked = true;
+        assert_eq!(seqs(&store.append(&[lost]).unwrap()), [4]);
+        store.remove("v", &[4]).unwrap();
+        // Removal makes room; the bytes are rebuilt at open.
+        store.remove("u", &[1]).unwrap();
+        assert_eq!(store.stats().held_bytes, 2 * one);
+        drop(store);
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        assert_eq!(store.stats().held_bytes, 2 * one);
+        assert_eq!(seqs(&store.append(&batch[3..4]).unwrap()), [5]);
+        assert_eq!(
+            store.append(&batch[4..5]).unwrap(),
+            [Appended::OverCapacity]
+        );
+    }
+
+    #[test]
     fn expired_messages_are_dropped_and_counted() {
         let dir = TempDir::new("expiry");
         let limits = Limits {
             max_per_user: 100,
             max_age: Duration::from_secs(24 * 60 * 60),
+            ..Limits::default()
         };
         let store = RedbStore::open(dir.path(), limits).unwrap();
         let now = 100 * DAY_MS;
@@ -797,6 +1013,8 @@ mod tests {
         let limits = Limits {
             max_per_user: usize::MAX,
             max_age: Duration::from_millis(10),
+            max_per_sender: usize::MAX,
+            ..Limits::default()
         };
         let store = RedbStore::open(dir.path(), limits).unwrap();
         let total = EXPIRE_CHUNK as u64 * 2 + 7;
