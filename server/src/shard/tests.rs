@@ -649,7 +649,14 @@ impl TestStore {
         let store: Arc<dyn crate::store::Store> = Arc::new(
             crate::store::redb::RedbStore::open(&dir, crate::store::Limits::default()).unwrap(),
         );
-        let writer = Arc::new(crate::store::group::GroupCommit::start(Arc::clone(&store)).unwrap());
+        // The expiry sweep runs on the virtual clock's day (messages are stored at T0).
+        let config = crate::store::group::GroupConfig {
+            clock: || T0_EPOCH_MS + 3_600_000,
+            ..Default::default()
+        };
+        let writer = Arc::new(
+            crate::store::group::GroupCommit::start_with(Arc::clone(&store), config).unwrap(),
+        );
         let mail = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&mail);
         let post: Post = Arc::new(move |core, msg| sink.lock().unwrap().push((core, msg)));

@@ -76,6 +76,31 @@ impl Appended {
     }
 }
 
+/// Delivered messages of one user to delete ([`Store::remove`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub to: String,
+    pub seqs: Vec<u64>,
+}
+
+impl Removal {
+    pub fn new(to: &str, seqs: &[u64]) -> Self {
+        Self {
+            to: to.to_owned(),
+            seqs: seqs.to_vec(),
+        }
+    }
+}
+
+/// What one [`Store::expire`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Messages deleted.
+    pub deleted: u64,
+    /// It stopped at `max`: expired messages may remain.
+    pub more: bool,
+}
+
 /// A stored message, as returned for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -167,7 +192,7 @@ pub struct StoreStats {
     pub held: u64,
     /// Bytes of records held now (gauge), what [`Limits::max_bytes`] bounds.
     pub held_bytes: u64,
-    /// Messages dropped by [`Limits::max_age`] (by `pending` or `expire`).
+    /// Messages dropped by [`Limits::max_age`] (by [`Store::expire`], the writer's sweep).
     pub expired: u64,
     /// Messages deleted by [`Store::remove`] (delivered and ACKed).
     pub removed: u64,
@@ -216,10 +241,11 @@ pub trait Store: Send + Sync + 'static {
     fn append(&self, batch: &[Offline]) -> Result<Vec<Appended>, StoreError>;
 
     /// Up to `limit` messages for `to` with a seq above `after` (0: from the start), oldest
-    /// (lowest seq) first; messages older than [`Limits::max_age`] are deleted and counted
-    /// instead of returned. Nothing is removed for being returned: delivery is confirmed by
-    /// [`Store::remove`] (`after` lets a caller page past messages it has sent but whose removal
-    /// is not committed yet).
+    /// (lowest seq) first; messages older than [`Limits::max_age`] are skipped (the sweep,
+    /// [`Store::expire`], deletes and counts them). Read-only: no write transaction, no fsync.
+    /// Nothing is removed for being returned: delivery is confirmed by [`Store::remove`]
+    /// (`after` lets a caller page past messages it has sent but whose removal is not committed
+    /// yet).
     fn pending(
         &self,
         to: &str,
@@ -228,11 +254,13 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Vec<Stored>, StoreError>;
 
-    /// Deletes delivered messages (by seq) of `to`; unknown seqs are ignored.
-    fn remove(&self, to: &str, seqs: &[u64]) -> Result<(), StoreError>;
+    /// Deletes delivered messages (by seq) of each removal's user, all in ONE transaction;
+    /// unknown seqs are ignored.
+    fn remove(&self, removals: &[Removal]) -> Result<(), StoreError>;
 
-    /// Deletes every expired message; returns how many.
-    fn expire(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Deletes up to `max` expired messages (oldest first) in one transaction, and counts them;
+    /// `more` says whether expired messages may remain (call again).
+    fn expire(&self, now_ms: i64, max: usize) -> Result<Expired, StoreError>;
 
     /// Counters since the store was opened.
     fn stats(&self) -> StoreStats;

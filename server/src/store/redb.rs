@@ -37,7 +37,8 @@ use ::redb::{
 use bytes::Bytes;
 
 use super::{
-    Appended, Counters, Limits, Offline, Store, StoreError, StoreStats, Stored, SERVER_SENDER,
+    Appended, Counters, Expired, Limits, Offline, Removal, Store, StoreError, StoreStats, Stored,
+    SERVER_SENDER,
 };
 
 /// The store's file name under the data directory.
@@ -48,11 +49,6 @@ pub const FILE_NAME: &str = "offline.redb";
 /// holds the hot part (recent pages of the B-trees) and the rest of the memory stays with the
 /// event loops.
 pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
-
-/// Deletions per write transaction in [`Store::expire`], so that expiring a backlog (the server
-/// was down for a week) never builds one huge transaction or holds the write lock — and with it
-/// the group-commit writer — for long.
-pub const EXPIRE_CHUNK: usize = 4_096;
 
 /// The layout version in `meta.schema`; a file with another version is refused, not misread.
 const SCHEMA_VERSION: u64 = 1;
@@ -227,9 +223,9 @@ impl RedbStore {
         Ok(())
     }
 
-    /// Deletes the given messages of `to` in one transaction; returns how many existed.
-    fn delete(&self, to: &str, seqs: &[u64]) -> Result<u64, StoreError> {
-        if seqs.is_empty() {
+    /// Deletes the given messages in one transaction; returns how many existed.
+    fn delete(&self, removals: &[Removal]) -> Result<u64, StoreError> {
+        if removals.iter().all(|r| r.seqs.is_empty()) {
             return Ok(0);
         }
         let mut held = self.lock();
@@ -237,9 +233,11 @@ impl RedbStore {
         let mut freed = Vec::new();
         {
             let mut tables = Tables::open(&txn)?;
-            for &seq in seqs {
-                if let Some(f) = tables.delete(to, seq)? {
-                    freed.push(f);
+            for removal in removals {
+                for &seq in &removal.seqs {
+                    if let Some(f) = tables.delete(&removal.to, seq)? {
+                        freed.push(f);
+                    }
                 }
             }
         }
@@ -248,9 +246,9 @@ impl RedbStore {
         Ok(freed.len() as u64)
     }
 
-    /// One chunk of [`Store::expire`]: deletes up to [`EXPIRE_CHUNK`] messages stored before
-    /// `cutoff_ms`; returns (deleted, whether more may remain).
-    fn expire_chunk(&self, cutoff_ms: i64) -> Result<(u64, bool), StoreError> {
+    /// [`Store::expire`]: deletes up to `max` messages stored before `cutoff_ms`; returns
+    /// (deleted, whether more may remain).
+    fn expire_chunk(&self, cutoff_ms: i64, max: usize) -> Result<(u64, bool), StoreError> {
         let mut held = self.lock();
         let txn = self.begin_write()?;
         let mut freed = Vec::new();
@@ -258,7 +256,7 @@ impl RedbStore {
         {
             let mut tables = Tables::open(&txn)?;
             for entry in tables.by_age.range(..(cutoff_ms, "", 0u64))? {
-                if due.len() >= EXPIRE_CHUNK {
+                if due.len() >= max {
                     break;
                 }
                 let (key, _) = entry?;
@@ -275,7 +273,7 @@ impl RedbStore {
         }
         self.finish(txn, !due.is_empty())?;
         held.freed(&freed);
-        Ok((freed.len() as u64, due.len() >= EXPIRE_CHUNK))
+        Ok((freed.len() as u64, due.len() >= max))
     }
 }
 
@@ -397,65 +395,53 @@ impl Store for RedbStore {
         now_ms: i64,
     ) -> Result<Vec<Stored>, StoreError> {
         let mut out = Vec::new();
-        let mut expired = Vec::new();
-        {
-            let txn = self.db.begin_read()?;
-            let messages = txn.open_table(MESSAGES)?;
-            let Some(first) = after.checked_add(1) else {
-                return Ok(out);
-            };
-            for entry in messages.range((to, first)..=(to, u64::MAX))? {
-                if out.len() >= limit {
-                    break;
-                }
-                let (key, value) = entry?;
-                let (_, seq) = key.value();
-                let record = record::decode(value.value()).map_err(|e| located(e, to, seq))?;
-                if self.limits.expired(record.stored_at_ms, now_ms) {
-                    expired.push(seq);
-                    continue;
-                }
-                out.push(Stored {
-                    seq,
-                    from: record.from.to_owned(),
-                    fp: record.fp.map(str::to_owned),
-                    json: Bytes::copy_from_slice(record.json),
-                    stored_at_ms: record.stored_at_ms,
-                });
+        let txn = self.db.begin_read()?;
+        let messages = txn.open_table(MESSAGES)?;
+        let Some(first) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        for entry in messages.range((to, first)..=(to, u64::MAX))? {
+            if out.len() >= limit {
+                break;
             }
-        }
-        if !expired.is_empty() {
-            let n = self.delete(to, &expired)?;
-            self.counters.expired(n);
-            // Dropped, never silently: counted in the stats and said in the log.
-            tracing::info!(
-                to,
-                dropped = n,
-                max_age_secs = self.limits.max_age.as_secs(),
-                "expired offline messages dropped"
-            );
+            let (key, value) = entry?;
+            let (_, seq) = key.value();
+            let record = record::decode(value.value()).map_err(|e| located(e, to, seq))?;
+            if self.limits.expired(record.stored_at_ms, now_ms) {
+                // Left for the sweep (`expire`), which deletes and counts it.
+                continue;
+            }
+            out.push(Stored {
+                seq,
+                from: record.from.to_owned(),
+                fp: record.fp.map(str::to_owned),
+                json: Bytes::copy_from_slice(record.json),
+                stored_at_ms: record.stored_at_ms,
+            });
         }
         Ok(out)
     }
 
-    fn remove(&self, to: &str, seqs: &[u64]) -> Result<(), StoreError> {
-        let n = self.delete(to, seqs)?;
+    fn remove(&self, removals: &[Removal]) -> Result<(), StoreError> {
+        let n = self.delete(removals)?;
         self.counters.removed(n);
         Ok(())
     }
 
-    fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+    fn expire(&self, now_ms: i64, max: usize) -> Result<Expired, StoreError> {
         // expired ⇔ now - stored_at > max_age ⇔ stored_at < now - max_age
         let cutoff_ms = now_ms.saturating_sub(self.limits.max_age_ms());
-        let mut total = 0;
-        loop {
-            let (n, more) = self.expire_chunk(cutoff_ms)?;
-            total += n;
-            self.counters.expired(n);
-            if !more {
-                return Ok(total);
-            }
+        let (deleted, more) = self.expire_chunk(cutoff_ms, max.max(1))?;
+        self.counters.expired(deleted);
+        if deleted > 0 {
+            // Dropped, never silently: counted in the stats and said in the log.
+            tracing::info!(
+                dropped = deleted,
+                max_age_secs = self.limits.max_age.as_secs(),
+                "expired offline messages dropped"
+            );
         }
+        Ok(Expired { deleted, more })
     }
 
     fn stats(&self) -> StoreStats {
@@ -662,6 +648,18 @@ mod tests {
         RedbStore::open(dir.path(), Limits::default()).unwrap()
     }
 
+    /// Sweeps until nothing expired remains (chunks of 100); returns how many went.
+    fn expire_all(store: &RedbStore, now_ms: i64) -> u64 {
+        let mut total = 0;
+        loop {
+            let e = store.expire(now_ms, 100).unwrap();
+            total += e.deleted;
+            if !e.more {
+                return total;
+            }
+        }
+    }
+
     fn seqs(outcomes: &[Appended]) -> Vec<u64> {
         outcomes
             .iter()
@@ -785,7 +783,7 @@ mod tests {
         assert_eq!((stats.stored, stats.duplicates), (6, 3));
         // Once delivered and removed, the fingerprint is free again (the dedup window is the
         // time a message is stored).
-        store.remove("bob", &[1]).unwrap();
+        store.remove(&[Removal::new("bob", &[1])]).unwrap();
         assert_eq!(seqs(&store.append(&[m]).unwrap()), [7]);
     }
 
@@ -796,15 +794,15 @@ mod tests {
         let batch: Vec<Offline> = (0..10).map(|n| msg("u", "s", n, 0)).collect();
         store.append(&batch).unwrap();
         store.append(&[msg("v", "s", 100, 0)]).unwrap();
-        store.remove("u", &[1, 3, 5, 999]).unwrap();
-        store.remove("v", &[2]).unwrap(); // u's seq under another user: ignored
-        store.remove("nobody", &[4]).unwrap();
-        store.remove("u", &[]).unwrap();
+        store.remove(&[Removal::new("u", &[1, 3, 5, 999])]).unwrap();
+        store.remove(&[Removal::new("v", &[2])]).unwrap(); // u's seq under another user: ignored
+        store.remove(&[Removal::new("nobody", &[4])]).unwrap();
+        store.remove(&[Removal::new("u", &[])]).unwrap();
         let left: Vec<u64> = queue(&store, "u").iter().map(|q| q.0).collect();
         assert_eq!(left, [2, 4, 6, 7, 8, 9, 10]);
         assert_eq!(queue(&store, "v"), [(11, 100)]);
         assert_eq!(store.stats().removed, 3);
-        store.remove("u", &left).unwrap();
+        store.remove(&[Removal::new("u", &left)]).unwrap();
         assert!(queue(&store, "u").is_empty());
         assert_eq!(store.stats().removed, 10);
     }
@@ -819,7 +817,7 @@ mod tests {
             // Delivered the first 30, the recipient ACKed 25 of them, then disconnected.
             let delivered = store.pending("u", 0, 30, 0).unwrap();
             let acked: Vec<u64> = delivered.iter().take(25).map(|s| s.seq).collect();
-            store.remove("u", &acked).unwrap();
+            store.remove(&[Removal::new("u", &acked)]).unwrap();
         }
         let store = open(&dir);
         let rest = queue(&store, "u");
@@ -862,7 +860,7 @@ mod tests {
         );
         assert_eq!(store.stats().over_limit, 2);
         // Delivery makes room.
-        store.remove("u", &[1]).unwrap();
+        store.remove(&[Removal::new("u", &[1])]).unwrap();
         assert_eq!(seqs(&store.append(&batch[3..4]).unwrap()), [5]);
         assert_eq!(store.append(&batch[4..5]).unwrap(), [Appended::OverLimit]);
         assert_eq!(store.stats().over_limit, 3);
@@ -901,7 +899,7 @@ mod tests {
         let s2c: Vec<Offline> = (0..5).map(|n| msg("u0", SERVER_SENDER, n, 0)).collect();
         assert_eq!(seqs(&store.append(&s2c).unwrap()).len(), 5);
         // Delivery (and expiry) gives the quota back; the count is rebuilt at open.
-        store.remove("u1", &[2]).unwrap();
+        store.remove(&[Removal::new("u1", &[2])]).unwrap();
         assert_eq!(seqs(&store.append(&batch[3..4]).unwrap()), [10]);
         assert_eq!(
             store.append(&batch[4..5]).unwrap(),
@@ -913,7 +911,7 @@ mod tests {
             store.append(&batch[4..5]).unwrap(),
             [Appended::OverSenderQuota]
         );
-        store.remove("u0", &[1]).unwrap();
+        store.remove(&[Removal::new("u0", &[1])]).unwrap();
         assert_eq!(seqs(&store.append(&batch[4..5]).unwrap()), [11]);
     }
 
@@ -948,9 +946,9 @@ mod tests {
         let mut lost = msg("v", "s", 0, 0);
         lost.sender_acked = true;
         assert_eq!(seqs(&store.append(&[lost]).unwrap()), [4]);
-        store.remove("v", &[4]).unwrap();
+        store.remove(&[Removal::new("v", &[4])]).unwrap();
         // Removal makes room; the bytes are rebuilt at open.
-        store.remove("u", &[1]).unwrap();
+        store.remove(&[Removal::new("u", &[1])]).unwrap();
         assert_eq!(store.stats().held_bytes, 2 * one);
         drop(store);
         let store = RedbStore::open(dir.path(), limits).unwrap();
@@ -982,26 +980,34 @@ mod tests {
             msg("w", "s", 6, now),
         ];
         store.append(&batch).unwrap();
-        // pending drops what expired instead of returning it.
+        // pending skips what expired instead of returning it, read-only: no commit.
+        let commits = store.stats().commits;
         let pending = store.pending("u", 0, usize::MAX, now).unwrap();
         assert_eq!(
             pending.iter().map(|s| n_of(&s.json)).collect::<Vec<_>>(),
             [2, 3]
         );
-        assert_eq!(store.stats().expired, 2);
-        // expire() sweeps every user.
-        assert_eq!(store.expire(now).unwrap(), 2);
+        assert_eq!((store.stats().expired, store.stats().commits), (0, commits));
+        // expire() sweeps every user, at most `max` per call.
+        assert_eq!(
+            store.expire(now, 3).unwrap(),
+            Expired {
+                deleted: 3,
+                more: true
+            }
+        );
+        assert_eq!(expire_all(&store, now), 1);
         assert_eq!(store.stats().expired, 4);
         assert!(queue(&store, "v").is_empty());
         assert_eq!(
             queue(&store, "w").iter().map(|q| q.1).collect::<Vec<_>>(),
             [6]
         );
-        assert_eq!(store.expire(now).unwrap(), 0);
+        assert_eq!(expire_all(&store, now), 0);
         // Expired messages left the dedup index and the count.
         assert_eq!(seqs(&store.append(&batch[0..1]).unwrap()), [8]);
         // Two days later all four left (2, 3, 6 and the new copy of 0) are older than a day.
-        assert_eq!(store.expire(now + 2 * DAY_MS).unwrap(), 4);
+        assert_eq!(expire_all(&store, now + 2 * DAY_MS), 4);
         for to in ["u", "v", "w"] {
             assert!(queue(&store, to).is_empty());
         }
@@ -1017,13 +1023,14 @@ mod tests {
             ..Limits::default()
         };
         let store = RedbStore::open(dir.path(), limits).unwrap();
-        let total = EXPIRE_CHUNK as u64 * 2 + 7;
+        let total = 100 * 2 + 7;
         let batch: Vec<Offline> = (0..total)
             .map(|n| msg(&format!("u{}", n % 5), "s", n, 0))
             .collect();
         store.append(&batch).unwrap();
-        assert_eq!(store.expire(1_000).unwrap(), total);
+        assert_eq!(expire_all(&store, 1_000), total);
         assert_eq!(store.stats().expired, total);
+        // One for the append, one per chunk of 100.
         assert_eq!(store.stats().commits, 1 + 3);
     }
 
@@ -1035,7 +1042,7 @@ mod tests {
             store
                 .append(&[msg("u", "s", 0, 0), msg("u", "s", 1, 0)])
                 .unwrap();
-            store.remove("u", &[1, 2]).unwrap(); // the queue is empty again
+            store.remove(&[Removal::new("u", &[1, 2])]).unwrap(); // the queue is empty again
             store.append(&[msg("v", "s", 2, 0)]).unwrap();
         }
         let store = open(&dir);
@@ -1054,8 +1061,8 @@ mod tests {
         let dir = TempDir::new("empty");
         let store = open(&dir);
         assert!(store.append(&[]).unwrap().is_empty());
-        store.remove("u", &[1]).unwrap();
-        assert_eq!(store.expire(i64::MAX).unwrap(), 0);
+        store.remove(&[Removal::new("u", &[1])]).unwrap();
+        assert_eq!(expire_all(&store, i64::MAX), 0);
         assert_eq!(store.stats().commits, 0);
     }
 
@@ -1074,7 +1081,7 @@ mod tests {
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("seq 99"), "{err}");
         // The way out: remove it by the seq the error names; the good message is still there.
-        store.remove("u", &[99]).unwrap();
+        store.remove(&[Removal::new("u", &[99])]).unwrap();
         assert_eq!(queue(&store, "u"), [(1, 0)]);
         assert_eq!(store.stats().removed, 1);
     }
