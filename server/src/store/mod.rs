@@ -23,8 +23,12 @@
 //! * [`redb`] — [`redb::RedbStore`], the embedded backend (`offline.redb` under `--data-dir`);
 //! * [`group`] — [`group::GroupCommit`], one writer thread that turns many concurrent appends into
 //!   one commit (one fsync) per batch; the event loops submit to it and never wait on the disk.
+//!   It also removes delivered messages (one transaction per turn) and sweeps expired ones;
+//! * [`read`] — [`read::Reader`], reader threads that read pages for the event loops, whose
+//!   answers come back to the core as mail.
 
 pub mod group;
+pub mod read;
 pub mod redb;
 
 use std::sync::atomic::{AtomicU64, Ordering};
