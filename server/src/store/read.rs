@@ -204,7 +204,7 @@ mod tests {
         store.append(&batch).unwrap();
         let reader = Reader::start(store.clone()).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let done = move |tx: crossbeam_channel::Sender<_>| -> PageDone {
+        let done = move |tx: Sender<_>| -> PageDone {
             Box::new(move |page| tx.send(page).unwrap())
         };
         reader.submit_page("u", 0, 4, 0, done(tx.clone())).unwrap();
