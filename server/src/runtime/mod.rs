@@ -487,6 +487,8 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     );
     let writer = GroupCommit::start(Arc::clone(&store))
         .map_err(|e| io::Error::other(format!("offline store: {e}")))?;
+    let reader = crate::store::read::Reader::start(Arc::clone(&store))
+        .map_err(|e| io::Error::other(format!("offline store: {e}")))?;
     tracing::info!(
         dir = %config.data_dir.display(),
         max_per_user = limits.max_per_user,
@@ -500,6 +502,7 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     Ok(Some(OfflineStore {
         store,
         writer: Arc::new(writer),
+        reader: Arc::new(reader),
         post,
     }))
 }

@@ -18,7 +18,7 @@ mod offline;
 mod presence;
 mod route;
 
-pub use offline::{OfflineStore, Post, LOGIN_PAGE};
+pub use offline::{OfflineStore, Post, LOGIN_PAGE, STREAM_DRAIN_WINDOW, UDP_DRAIN_WINDOW};
 pub use presence::Presence;
 
 use std::collections::HashMap;
@@ -233,6 +233,14 @@ pub enum ShardMsg {
     /// A message lost by the resend table of the receiving shard is now stored: deliver `uid`'s
     /// stored messages again if the user is still online.
     Redrain(UserId<'static>),
+    /// A page of `uid`'s stored messages (after seq `after`) read by the store's reader for
+    /// the drain of that `generation`.
+    Page {
+        uid: UserId<'static>,
+        generation: u64,
+        after: u64,
+        page: Result<Vec<crate::store::Stored>, crate::store::StoreError>,
+    },
 }
 
 /// Why a timer was set.
@@ -243,6 +251,8 @@ enum Timer {
     /// The QoS tables (resend table, de-duplication windows) have something due: their
     /// earliest deadline, kept as one entry of the wheel.
     Qos,
+    /// Offline drains whose page request found the store's reader busy ask again.
+    DrainRetry,
 }
 
 /// One session: a TCP or WebSocket connection on this core (logged in or not), or a logged-in
@@ -334,6 +344,9 @@ pub struct Stats {
     /// Messages stored because the server's resends to a recipient who is still online ran
     /// out, and delivered again from the store.
     pub redrained: u64,
+    /// Offline page reads refused because the store's reader queue was full (retried on a
+    /// timer).
+    pub read_busy: u64,
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
@@ -362,6 +375,7 @@ impl Stats {
         self.malformed += other.malformed;
         self.qos_table_full += other.qos_table_full;
         self.redrained += other.redrained;
+        self.read_busy += other.read_busy;
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
         self.dedup_evicted += other.dedup_evicted;
@@ -417,7 +431,7 @@ pub struct Shard {
     /// off it and frozen, so its allocation is reused once the earlier messages are dropped.
     encoded: BytesMut,
     /// Users whose stored messages are being delivered, a page at a time.
-    drains: HashMap<UserId<'static>, offline::Drain>,
+    drains: offline::Drains,
     /// Stored messages delivered and acknowledged whose removal the store may not have
     /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
     removing: offline::Removing,
@@ -471,7 +485,7 @@ impl Shard {
             offline: None,
             qos_timer: None,
             encoded: BytesMut::new(),
-            drains: HashMap::new(),
+            drains: offline::Drains::default(),
             removing: offline::Removing::default(),
             stats: Stats::default(),
         }
@@ -668,6 +682,12 @@ impl Shard {
             ShardMsg::Delivered(receipt) => self.on_receipt(now, receipt, out),
             ShardMsg::Command(command) => self.run_command(now, command, out),
             ShardMsg::Redrain(uid) => self.redrain(now, &uid, out),
+            ShardMsg::Page {
+                uid,
+                generation,
+                after,
+                page,
+            } => self.on_page(now, &uid, generation, after, page, out),
         }
     }
 
@@ -724,6 +744,7 @@ impl Shard {
                     self.qos_timer = None;
                     qos_due = true;
                 }
+                Timer::DrainRetry => self.retry_reads(now, out),
             }
         }
         if qos_due {

@@ -665,6 +665,7 @@ impl TestStore {
             offline: OfflineStore {
                 store: Arc::clone(&store),
                 writer,
+                reader: Arc::new(crate::store::read::Reader::start(Arc::clone(&store)).unwrap()),
                 post,
             },
             store,
@@ -683,6 +684,25 @@ impl TestStore {
         for (core, msg) in mail {
             w.on(core, |shard, now, out| shard.on_mail(now, msg, out));
         }
+    }
+
+    /// Delivers the store's mail (pages read, commits) until `endpoint` has received `n`
+    /// messages; returns them.
+    fn collect(&self, w: &mut World, endpoint: Endpoint, n: usize) -> Vec<Message<'static>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = w.take(endpoint);
+        while got.len() < n {
+            assert!(Instant::now() < deadline, "{} of {n} arrived", got.len());
+            let mail: Vec<_> = self.mail.lock().unwrap().drain(..).collect();
+            if mail.is_empty() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            for (core, msg) in mail {
+                w.on(core, |shard, now, out| shard.on_mail(now, msg, out));
+            }
+            got.extend(w.take(endpoint));
+        }
+        got
     }
 
     /// Waits until `uid` has exactly `n` stored messages.
@@ -756,7 +776,7 @@ fn offline_messages_are_acked_after_commit_and_delivered_in_order_at_login() {
     // Carol logs in (on another transport, landing on the other core): all five, in order.
     let c = w.open(0, 2, Transport::Ws);
     w.login(c, &carol, 0);
-    let got = w.take(conn(c));
+    let got = store.collect(&mut w, conn(c), 6);
     assert_eq!(got[0].kind, Kind::LoginResponse);
     let texts: Vec<_> = got[1..]
         .iter()
@@ -771,7 +791,7 @@ fn offline_messages_are_acked_after_commit_and_delivered_in_order_at_login() {
     w.on(1, |shard, now, out| shard.on_closed(now, c, out));
     let c2 = w.open(1, 3, Transport::Udp);
     w.login(c2, &carol, 0);
-    let again: Vec<_> = w.take(conn(c2))[1..]
+    let again: Vec<_> = store.collect(&mut w, conn(c2), 4)[1..]
         .iter()
         .map(|m| m.text().unwrap().to_owned())
         .collect();
@@ -1014,8 +1034,7 @@ fn resends_to_an_online_recipient_that_run_out_are_stored_and_redelivered() {
     assert_eq!(w.take(conn(b)).len(), 1, "the reference's single resend");
     store.wait_stored("bob", 1);
     // Once committed, bob (still online) gets it again from the store, without a new login.
-    store.settle(&mut w, 1);
-    let again = w.take(conn(b));
+    let again = store.collect(&mut w, conn(b), 1);
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].text(), Some("hello"));
     assert_eq!(again[0].fp.as_ref().unwrap().as_str(), "fp-r");
@@ -1197,7 +1216,11 @@ fn stored_messages_are_written_only_with_a_resend_entry() {
     // untracked, they stay stored.
     let c = w.open(0, 2, Transport::Tcp);
     w.login(c, "carol", 0);
-    let got: Vec<_> = w.take(conn(c)).into_iter().skip(1).collect();
+    let got: Vec<_> = store
+        .collect(&mut w, conn(c), 2)
+        .into_iter()
+        .skip(1)
+        .collect();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].text(), Some("m0"));
     assert_eq!(w.shards[0].stats().qos_table_full, 2);

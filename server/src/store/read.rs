@@ -204,9 +204,8 @@ mod tests {
         store.append(&batch).unwrap();
         let reader = Reader::start(store.clone()).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let done = move |tx: Sender<_>| -> PageDone {
-            Box::new(move |page| tx.send(page).unwrap())
-        };
+        let done =
+            move |tx: Sender<_>| -> PageDone { Box::new(move |page| tx.send(page).unwrap()) };
         reader.submit_page("u", 0, 4, 0, done(tx.clone())).unwrap();
         let page = rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
         assert_eq!(
