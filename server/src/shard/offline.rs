@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use imedge_protocol::session::Transport;
 use imedge_protocol::{Fingerprint, UserId};
 
 use super::route::{Delivery, Outcome};
@@ -434,9 +435,15 @@ impl Shard {
             return;
         };
         let writer = Arc::clone(&offline.writer);
-        let window = match endpoint {
-            Endpoint::Udp(_) => UDP_DRAIN_WINDOW,
-            Endpoint::Conn(_) => STREAM_DRAIN_WINDOW,
+        let udp = matches!(endpoint, Endpoint::Udp(_))
+            || self
+                .sessions
+                .get(&endpoint)
+                .is_some_and(|s| s.transport == Transport::Udp);
+        let window = if udp {
+            UDP_DRAIN_WINDOW
+        } else {
+            STREAM_DRAIN_WINDOW
         };
         let mut unacked = Vec::new();
         while drain.in_flight < window {
