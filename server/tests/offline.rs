@@ -192,6 +192,7 @@ fn sender_quota_and_byte_cap_refuse_without_ack() {
         assert_eq!(a.from.as_ref().unwrap().as_str(), format!("invented-{n}"));
     }
     mallory.expect_quiet();
+    assert_eq!(server.api().stats().0.store.over_sender_quota, 2);
     // Someone else still gets through; a delivered message gives the quota back.
     let mut bob = server.connect(T::Tcp);
     bob.login("bob");

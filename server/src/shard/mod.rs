@@ -347,6 +347,9 @@ pub struct Stats {
     /// Offline page reads refused because the store's reader queue was full (retried on a
     /// timer).
     pub read_busy: u64,
+    /// The offline store's counters (limits hit, expired, held bytes): carried by core 0's
+    /// stats only, so that the merged report counts them once.
+    pub store: crate::store::StoreStats,
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
@@ -376,6 +379,7 @@ impl Stats {
         self.qos_table_full += other.qos_table_full;
         self.redrained += other.redrained;
         self.read_busy += other.read_busy;
+        self.store.merge(&other.store);
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
         self.dedup_evicted += other.dedup_evicted;
@@ -531,6 +535,9 @@ impl Shard {
         stats.dedup_evicted = self.dedup.stats().evicted_keys + self.c2c_done.stats().evicted_keys;
         let bytes = self.resend.bytes() + self.dedup.bytes() + self.c2c_done.bytes();
         stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        if let (0, Some(offline)) = (self.config.core, &self.offline) {
+            stats.store = offline.store.stats();
+        }
         stats
     }
 

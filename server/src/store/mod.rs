@@ -205,6 +205,23 @@ pub struct StoreStats {
     pub commits: u64,
 }
 
+impl StoreStats {
+    /// Adds `other`'s counters (for a report that sums parts, e.g. per-core stats of which one
+    /// carries the store's).
+    pub fn merge(&mut self, other: &Self) {
+        self.stored += other.stored;
+        self.duplicates += other.duplicates;
+        self.over_limit += other.over_limit;
+        self.over_sender_quota += other.over_sender_quota;
+        self.over_capacity += other.over_capacity;
+        self.held += other.held;
+        self.held_bytes += other.held_bytes;
+        self.expired += other.expired;
+        self.removed += other.removed;
+        self.commits += other.commits;
+    }
+}
+
 /// Why a store operation failed. `Clone` so that one failed commit can be reported to every
 /// message of its batch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -266,7 +283,8 @@ pub trait Store: Send + Sync + 'static {
     /// `more` says whether expired messages may remain (call again).
     fn expire(&self, now_ms: i64, max: usize) -> Result<Expired, StoreError>;
 
-    /// Counters since the store was opened.
+    /// Counters since the store was opened. Must not block (unlike the other methods): the
+    /// control API reads them on an event loop.
     fn stats(&self) -> StoreStats;
 }
 
@@ -281,6 +299,8 @@ pub(crate) struct Counters {
     expired: AtomicU64,
     removed: AtomicU64,
     commits: AtomicU64,
+    held: AtomicU64,
+    held_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -314,6 +334,12 @@ impl Counters {
         self.removed.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// What the store holds now (gauges, set by the backend after each commit).
+    pub(crate) fn set_held(&self, messages: u64, bytes: u64) {
+        self.held.store(messages, Ordering::Relaxed);
+        self.held_bytes.store(bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn committed(&self) {
         self.commits.fetch_add(1, Ordering::Relaxed);
     }
@@ -325,8 +351,8 @@ impl Counters {
             over_limit: self.over_limit.load(Ordering::Relaxed),
             over_sender_quota: self.over_sender_quota.load(Ordering::Relaxed),
             over_capacity: self.over_capacity.load(Ordering::Relaxed),
-            held: 0,
-            held_bytes: 0,
+            held: self.held.load(Ordering::Relaxed),
+            held_bytes: self.held_bytes.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
             removed: self.removed.load(Ordering::Relaxed),
             commits: self.commits.load(Ordering::Relaxed),

@@ -142,6 +142,7 @@ impl RedbStore {
         };
         store.init()?;
         let held = store.scan()?;
+        store.counters.set_held(held.messages, held.bytes);
         *store.lock() = held;
         Ok(store)
     }
@@ -243,6 +244,7 @@ impl RedbStore {
         }
         self.finish(txn, !freed.is_empty())?;
         held.freed(&freed);
+        self.counters.set_held(held.messages, held.bytes);
         Ok(freed.len() as u64)
     }
 
@@ -273,6 +275,7 @@ impl RedbStore {
         }
         self.finish(txn, !due.is_empty())?;
         held.freed(&freed);
+        self.counters.set_held(held.messages, held.bytes);
         Ok((freed.len() as u64, due.len() >= max))
     }
 }
@@ -382,6 +385,7 @@ impl Store for RedbStore {
             *held.per_sender.entry(from.to_owned()).or_default() += n;
         }
         held.bytes += added_bytes;
+        self.counters.set_held(held.messages, held.bytes);
         drop(held);
         self.counters.appended(&outcomes);
         Ok(outcomes)
@@ -444,12 +448,9 @@ impl Store for RedbStore {
         Ok(Expired { deleted, more })
     }
 
+    /// Lock-free (atomics): safe to call from an event loop.
     fn stats(&self) -> StoreStats {
-        let mut stats = self.counters.snapshot();
-        let held = self.lock();
-        stats.held = held.messages;
-        stats.held_bytes = held.bytes;
-        stats
+        self.counters.snapshot()
     }
 }
 
