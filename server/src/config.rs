@@ -69,6 +69,11 @@ pub struct ServerConfig {
     pub offline_store: bool,
     /// Most messages stored per user; more are refused (the sender gets no ACK) and counted.
     pub offline_max_per_user: usize,
+    /// Most messages one sender may have stored for others (the server, "0", is exempt); more
+    /// are refused (no ACK) and counted.
+    pub offline_max_per_sender: usize,
+    /// Most bytes the offline store holds; more is refused (no ACK) and counted.
+    pub offline_max_bytes: u64,
     /// Stored messages older than this are dropped at delivery time, and counted.
     pub offline_max_age: Duration,
     /// Most bytes a TCP or WebSocket connection may leave unsent; a slow consumer past it is
@@ -121,6 +126,8 @@ impl Default for ServerConfig {
             server_timestamps: false,
             offline_store: true,
             offline_max_per_user: crate::store::DEFAULT_MAX_PER_USER,
+            offline_max_per_sender: crate::store::DEFAULT_MAX_PER_SENDER,
+            offline_max_bytes: crate::store::DEFAULT_MAX_BYTES,
             offline_max_age: crate::store::DEFAULT_MAX_AGE,
             max_send_buffer: DEFAULT_MAX_SEND_BUFFER,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,

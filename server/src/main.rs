@@ -174,6 +174,13 @@ struct Args {
     /// Most messages stored per user [default: 10000].
     #[arg(long, env = "IMEDGE_OFFLINE_MAX_PER_USER")]
     offline_max_per_user: Option<usize>,
+    /// Most messages one sender may have stored for others; the server ("0") is exempt
+    /// [default: 1000].
+    #[arg(long, env = "IMEDGE_OFFLINE_MAX_PER_SENDER")]
+    offline_max_per_sender: Option<usize>,
+    /// Most bytes the offline store holds [default: 1073741824 = 1 GiB].
+    #[arg(long, env = "IMEDGE_OFFLINE_MAX_BYTES")]
+    offline_max_bytes: Option<u64>,
     /// Stored messages older than this many seconds are dropped [default: 604800 = 7 days].
     #[arg(long, env = "IMEDGE_OFFLINE_MAX_AGE")]
     offline_max_age: Option<u64>,
@@ -239,6 +246,8 @@ struct FileConfig {
     no_pin: Option<bool>,
     offline_store: Option<bool>,
     offline_max_per_user: Option<usize>,
+    offline_max_per_sender: Option<usize>,
+    offline_max_bytes: Option<u64>,
     offline_max_age: Option<u64>,
     max_send_buffer: Option<usize>,
     write_stall_timeout: Option<u64>,
@@ -343,6 +352,12 @@ fn main() -> anyhow::Result<()> {
     config.offline_store = args.offline_store.or(file.offline_store).unwrap_or(true);
     if let Some(n) = args.offline_max_per_user.or(file.offline_max_per_user) {
         config.offline_max_per_user = n;
+    }
+    if let Some(n) = args.offline_max_per_sender.or(file.offline_max_per_sender) {
+        config.offline_max_per_sender = n;
+    }
+    if let Some(n) = args.offline_max_bytes.or(file.offline_max_bytes) {
+        config.offline_max_bytes = n;
     }
     if let Some(secs) = args.offline_max_age.or(file.offline_max_age) {
         config.offline_max_age = Duration::from_secs(secs);

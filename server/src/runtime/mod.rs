@@ -542,6 +542,8 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     let limits = StoreLimits {
         max_per_user: config.offline_max_per_user,
         max_age: config.offline_max_age,
+        max_per_sender: config.offline_max_per_sender,
+        max_bytes: config.offline_max_bytes,
     };
     let store: Arc<dyn Store> = Arc::new(
         RedbStore::open(&config.data_dir, limits)
@@ -549,9 +551,13 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     );
     let writer = GroupCommit::start(Arc::clone(&store))
         .map_err(|e| io::Error::other(format!("offline store: {e}")))?;
+    let reader = crate::store::read::Reader::start(Arc::clone(&store))
+        .map_err(|e| io::Error::other(format!("offline store: {e}")))?;
     tracing::info!(
         dir = %config.data_dir.display(),
         max_per_user = limits.max_per_user,
+        max_per_sender = limits.max_per_sender,
+        max_bytes = limits.max_bytes,
         max_age_secs = limits.max_age.as_secs(),
         "offline store: on"
     );
@@ -560,6 +566,7 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     Ok(Some(OfflineStore {
         store,
         writer: Arc::new(writer),
+        reader: Arc::new(reader),
         post,
     }))
 }

@@ -18,7 +18,7 @@ mod offline;
 mod presence;
 mod route;
 
-pub use offline::{OfflineStore, Post, LOGIN_PAGE};
+pub use offline::{OfflineStore, Post, LOGIN_PAGE, STREAM_DRAIN_WINDOW, UDP_DRAIN_WINDOW};
 pub use presence::Presence;
 
 use std::collections::HashMap;
@@ -241,6 +241,14 @@ pub enum ShardMsg {
     /// A message lost by the resend table of the receiving shard is now stored: deliver `uid`'s
     /// stored messages again if the user is still online.
     Redrain(UserId<'static>),
+    /// A page of `uid`'s stored messages (after seq `after`) read by the store's reader for
+    /// the drain of that `generation`.
+    Page {
+        uid: UserId<'static>,
+        generation: u64,
+        after: u64,
+        page: Result<Vec<crate::store::Stored>, crate::store::StoreError>,
+    },
 }
 
 /// Why a timer was set.
@@ -251,6 +259,8 @@ enum Timer {
     /// The QoS tables (resend table, de-duplication windows) have something due: their
     /// earliest deadline, kept as one entry of the wheel.
     Qos,
+    /// Offline drains whose page request found the store's reader busy ask again.
+    DrainRetry,
 }
 
 /// One session: a TCP or WebSocket connection on this core (logged in or not), or a logged-in
@@ -342,6 +352,12 @@ pub struct Stats {
     /// Messages stored because the server's resends to a recipient who is still online ran
     /// out, and delivered again from the store.
     pub redrained: u64,
+    /// Offline page reads refused because the store's reader queue was full (retried on a
+    /// timer).
+    pub read_busy: u64,
+    /// The offline store's counters (limits hit, expired, held bytes): carried by core 0's
+    /// stats only, so that the merged report counts them once.
+    pub store: crate::store::StoreStats,
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
@@ -370,6 +386,8 @@ impl Stats {
         self.malformed += other.malformed;
         self.qos_table_full += other.qos_table_full;
         self.redrained += other.redrained;
+        self.read_busy += other.read_busy;
+        self.store.merge(&other.store);
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
         self.dedup_evicted += other.dedup_evicted;
@@ -428,7 +446,7 @@ pub struct Shard {
     /// off it and frozen, so its allocation is reused once the earlier messages are dropped.
     encoded: BytesMut,
     /// Users whose stored messages are being delivered, a page at a time.
-    drains: HashMap<UserId<'static>, offline::Drain>,
+    drains: offline::Drains,
     /// Stored messages delivered and acknowledged whose removal the store may not have
     /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
     removing: offline::Removing,
@@ -483,7 +501,7 @@ impl Shard {
             offline: None,
             qos_timer: None,
             encoded: BytesMut::new(),
-            drains: HashMap::new(),
+            drains: offline::Drains::default(),
             removing: offline::Removing::default(),
             stats: Stats::default(),
         }
@@ -529,6 +547,9 @@ impl Shard {
         stats.dedup_evicted = self.dedup.stats().evicted_keys + self.c2c_done.stats().evicted_keys;
         let bytes = self.resend.bytes() + self.dedup.bytes() + self.c2c_done.bytes();
         stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        if let (0, Some(offline)) = (self.config.core, &self.offline) {
+            stats.store = offline.store.stats();
+        }
         stats
     }
 
@@ -688,6 +709,12 @@ impl Shard {
             ShardMsg::Delivered(receipt) => self.on_receipt(now, receipt, out),
             ShardMsg::Command(command) => self.run_command(now, command, out),
             ShardMsg::Redrain(uid) => self.redrain(now, &uid, out),
+            ShardMsg::Page {
+                uid,
+                generation,
+                after,
+                page,
+            } => self.on_page(now, &uid, generation, after, page, out),
         }
     }
 
@@ -744,6 +771,7 @@ impl Shard {
                     self.qos_timer = None;
                     qos_due = true;
                 }
+                Timer::DrainRetry => self.retry_reads(now, out),
             }
         }
         if qos_due {
