@@ -174,6 +174,13 @@ struct Args {
     /// Most messages stored per user [default: 10000].
     #[arg(long, env = "IMEDGE_OFFLINE_MAX_PER_USER")]
     offline_max_per_user: Option<usize>,
+    /// Most messages one sender may have stored for others; the server ("0") is exempt
+    /// [default: 1000].
+    #[arg(long, env = "IMEDGE_OFFLINE_MAX_PER_SENDER")]
+    offline_max_per_sender: Option<usize>,
+    /// Most bytes the offline store holds [default: 1073741824 = 1 GiB].
+    #[arg(long, env = "IMEDGE_OFFLINE_MAX_BYTES")]
+    offline_max_bytes: Option<u64>,
     /// Stored messages older than this many seconds are dropped [default: 604800 = 7 days].
     #[arg(long, env = "IMEDGE_OFFLINE_MAX_AGE")]
     offline_max_age: Option<u64>,
@@ -199,6 +206,26 @@ struct Args {
     /// [default: 4096].
     #[arg(long, env = "IMEDGE_MAX_PENDING_VERIFIES")]
     max_pending_verifies: Option<usize>,
+    /// Seconds a TCP/WebSocket connection may stay without logging in [default: 10].
+    #[arg(long, env = "IMEDGE_LOGIN_TIMEOUT")]
+    login_timeout: Option<u64>,
+    /// Most connections not logged in, over all cores; 0 = no cap [default: 8192].
+    #[arg(long, env = "IMEDGE_MAX_UNAUTHENTICATED")]
+    max_unauthenticated: Option<usize>,
+    /// Most connections not logged in from one source address; 0 = no cap [default: 128].
+    #[arg(long, env = "IMEDGE_MAX_CONNS_PER_IP")]
+    max_conns_per_ip: Option<u32>,
+    /// Most new connections per second from one source address (burst: 2 s of it); 0 = no
+    /// limit [default: 50].
+    #[arg(long, env = "IMEDGE_MAX_CONN_RATE_PER_IP")]
+    max_conn_rate_per_ip: Option<u32>,
+    /// Replies per second to one UDP source address that is not logged in (error 301, echo);
+    /// 0 = no limit [default: 2].
+    #[arg(long, env = "IMEDGE_UDP_UNAUTH_REPLY_RATE")]
+    udp_unauth_reply_rate: Option<u32>,
+    /// Apply the per-address limits to loopback clients too [default: false].
+    #[arg(long, env = "IMEDGE_LIMIT_LOOPBACK")]
+    limit_loopback: Option<bool>,
     /// Benchmark mode: echo every TCP/WebSocket frame and UDP datagram back as it came, through
     /// the server's own event loops but without the protocol (the floor `scripts/bench.sh`
     /// compares against). Not a server: nobody can log in.
@@ -233,6 +260,8 @@ struct FileConfig {
     no_pin: Option<bool>,
     offline_store: Option<bool>,
     offline_max_per_user: Option<usize>,
+    offline_max_per_sender: Option<usize>,
+    offline_max_bytes: Option<u64>,
     offline_max_age: Option<u64>,
     max_send_buffer: Option<usize>,
     write_stall_timeout: Option<u64>,
@@ -240,6 +269,12 @@ struct FileConfig {
     hook_queue: Option<usize>,
     verify_timeout: Option<u64>,
     max_pending_verifies: Option<usize>,
+    login_timeout: Option<u64>,
+    max_unauthenticated: Option<usize>,
+    max_conns_per_ip: Option<u32>,
+    max_conn_rate_per_ip: Option<u32>,
+    udp_unauth_reply_rate: Option<u32>,
+    limit_loopback: Option<bool>,
 }
 
 /// Turns transparent huge pages off for this process. mimalloc reserves its arena with
@@ -336,6 +371,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = args.offline_max_per_user.or(file.offline_max_per_user) {
         config.offline_max_per_user = n;
     }
+    if let Some(n) = args.offline_max_per_sender.or(file.offline_max_per_sender) {
+        config.offline_max_per_sender = n;
+    }
+    if let Some(n) = args.offline_max_bytes.or(file.offline_max_bytes) {
+        config.offline_max_bytes = n;
+    }
     if let Some(secs) = args.offline_max_age.or(file.offline_max_age) {
         config.offline_max_age = Duration::from_secs(secs);
     }
@@ -362,6 +403,23 @@ fn main() -> anyhow::Result<()> {
     if config.hook_threads == 0 || config.hook_queue == 0 {
         bail!("--hook-threads and --hook-queue must be at least 1");
     }
+    config.login_timeout = secs(
+        args.login_timeout.or(file.login_timeout),
+        config.login_timeout,
+    );
+    if let Some(n) = args.max_unauthenticated.or(file.max_unauthenticated) {
+        config.max_unauthenticated = n;
+    }
+    if let Some(n) = args.max_conns_per_ip.or(file.max_conns_per_ip) {
+        config.max_conns_per_ip = n;
+    }
+    if let Some(n) = args.max_conn_rate_per_ip.or(file.max_conn_rate_per_ip) {
+        config.max_conn_rate_per_ip = n;
+    }
+    if let Some(n) = args.udp_unauth_reply_rate.or(file.udp_unauth_reply_rate) {
+        config.udp_unauth_reply_rate = n;
+    }
+    config.limit_loopback = args.limit_loopback.or(file.limit_loopback).unwrap_or(false);
     config.bench_echo = args.bench_echo;
     if config.bench_echo {
         tracing::warn!("benchmark echo mode: frames are echoed, the protocol is off");

@@ -170,6 +170,153 @@ fn per_user_limit_and_expiry() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn sender_quota_and_byte_cap_refuse_without_ack() {
+    // The quota: a sender inventing recipients is stopped (no ACK) after max_per_sender.
+    let dir = temp_dir("offline-quota");
+    let mut cfg = with_store(1, &dir);
+    cfg.offline_max_per_sender = 3;
+    let server = Server::with(cfg, Arc::new(AllowAll));
+    let mut mallory = server.connect(T::Tcp);
+    mallory.login("mallory");
+    for n in 0..5 {
+        mallory.send(&data(
+            "mallory",
+            &format!("invented-{n}"),
+            "x",
+            Some(&format!("q{n}")),
+        ));
+    }
+    for n in 0..3 {
+        let a = mallory.expect(Kind::Ack);
+        assert_eq!(a.from.as_ref().unwrap().as_str(), format!("invented-{n}"));
+    }
+    mallory.expect_quiet();
+    assert_eq!(server.api().stats().0.store.over_sender_quota, 2);
+    // Someone else still gets through; a delivered message gives the quota back.
+    let mut bob = server.connect(T::Tcp);
+    bob.login("bob");
+    bob.send(&data("bob", "invented-9", "y", Some("b1")));
+    bob.expect(Kind::Ack);
+    let mut first = server.connect(T::Tcp);
+    first.login("invented-0");
+    assert_eq!(drain(&mut first, "invented-0", 1), ["x"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 10;
+    loop {
+        // The removal commits asynchronously: resend a new message until the quota has room.
+        mallory.send(&data("mallory", "invented-10", "z", Some(&format!("r{n}"))));
+        if matches!(mallory.recv_within(Duration::from_millis(300)), Recv::Message(m) if m.kind == Kind::Ack)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "quota never freed");
+        n += 1;
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The byte cap: room for about two messages in all.
+    let dir = temp_dir("offline-capacity");
+    let mut cfg = with_store(1, &dir);
+    cfg.offline_max_bytes = 500;
+    let server = Server::with(cfg, Arc::new(AllowAll));
+    let mut alice = server.connect(T::Tcp);
+    alice.login("alice");
+    for n in 0..4 {
+        alice.send(&data(
+            "alice",
+            &format!("away-{n}"),
+            "x",
+            Some(&format!("c{n}")),
+        ));
+    }
+    let acked = (0..4)
+        .take_while(|_| {
+            matches!(alice.recv_within(Duration::from_secs(2)), Recv::Message(m) if m.kind == Kind::Ack)
+        })
+        .count();
+    assert!(
+        (1..4).contains(&acked),
+        "{acked} of 4 ACKed with a 500-byte cap"
+    );
+    alice.expect_quiet();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stores `n` QoS messages from `from` for `to` (texts `0..n`), waiting for every ACK.
+fn store_n(server: &Server, from: &str, to: &str, n: usize) {
+    let mut c = server.connect(T::Tcp);
+    c.login(from);
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for chunk in 0..n.div_ceil(500) {
+        for i in chunk * 500..((chunk + 1) * 500).min(n) {
+            c.send(&data(from, to, &i.to_string(), Some(&format!("{to}-{i}"))));
+        }
+        // Read the ACKs as they come, so the sender is no slow consumer.
+        while let Recv::Message(_) = c.recv_within(Duration::from_millis(1)) {
+            acked += 1;
+        }
+    }
+    while acked < n {
+        assert!(Instant::now() < deadline, "{acked} of {n} stored");
+        if let Recv::Message(m) = c.recv_within(Duration::from_secs(1)) {
+            assert_eq!(m.kind, Kind::Ack);
+            acked += 1;
+        }
+    }
+}
+
+/// Logs `uid` in on `t` and receives (ACKing each) until `n` distinct messages arrived; returns
+/// how long that took.
+fn drain_all(server: &Server, t: T, uid: &str, n: usize) -> Duration {
+    let mut c = server.connect(t);
+    let start = Instant::now();
+    c.login(uid);
+    let deadline = start + Duration::from_secs(90);
+    let mut seen = HashSet::new();
+    while seen.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{t:?}: {} of {n} stored messages arrived",
+            seen.len()
+        );
+        let Recv::Message(msg) = c.recv_within(Duration::from_secs(1)) else {
+            continue;
+        };
+        if msg.kind != Kind::CommonData {
+            continue;
+        }
+        let from = msg.from.as_ref().unwrap().as_str().to_owned();
+        c.send(&ack(uid, &from, msg.fp.as_ref().unwrap().as_str()));
+        seen.insert(msg.text().unwrap().to_owned());
+    }
+    start.elapsed()
+}
+
+/// A backlog of 10,000 stored messages reaches a UDP and a TCP client: the drain keeps a
+/// window in flight that slides with each ACK, so the UDP client's receive buffer is never
+/// overrun (no message waits for a resend timer). Run with `--nocapture` for the times
+/// (BENCHMARKS.md).
+#[test]
+fn ten_thousand_stored_messages_reach_udp_and_tcp_clients() {
+    const N: usize = 10_000;
+    let dir = temp_dir("offline-10k");
+    let mut cfg = with_store(2, &dir);
+    cfg.offline_max_per_sender = 4 * N;
+    let server = Server::with(cfg, Arc::new(AllowAll));
+    for t in [T::Udp, T::Tcp] {
+        let uid = format!("backlog-{t:?}");
+        store_n(&server, "alice", &uid, N);
+        let took = drain_all(&server, t, &uid, N);
+        eprintln!("drain of {N} stored messages over {t:?}: {took:.2?}");
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The `imedge` binary on a TCP port only, with its store in `dir`. The caller waits for it.
 #[allow(clippy::zombie_processes)]
 fn spawn(dir: &std::path::Path) -> (Child, u16) {
@@ -187,6 +334,8 @@ fn spawn(dir: &std::path::Path) -> (Child, u16) {
         .args(["--threads", "2", "--no-pin", "true"])
         // The kill -9 test streams 10,000 messages from one session at once.
         .args(["--session-msg-rate", "0"])
+        // ... and stores them all for one offline user: no per-sender quota in the way.
+        .args(["--offline-max-per-sender", "100000"])
         .arg("--data-dir")
         .arg(dir)
         .stdout(Stdio::piped())

@@ -19,7 +19,7 @@ mod presence;
 mod route;
 
 pub use login::{DEFAULT_MAX_PENDING_VERIFIES, DEFAULT_VERIFY_TIMEOUT};
-pub use offline::{OfflineStore, Post, LOGIN_PAGE};
+pub use offline::{OfflineStore, Post, LOGIN_PAGE, STREAM_DRAIN_WINDOW, UDP_DRAIN_WINDOW};
 pub use presence::Presence;
 
 use std::collections::HashMap;
@@ -185,6 +185,14 @@ pub trait Outbox {
     fn send(&mut self, to: Endpoint, msg: &Message<'_>);
     /// Queues a message that is already encoded (a relay or a resend).
     fn send_json(&mut self, to: Endpoint, json: &Bytes);
+    /// Replies to a UDP source that is not logged in (error 301, echo): the loop may drop it, if
+    /// the source got too many such replies lately or the reply is too large for a request of
+    /// `request_len` bytes — SPEC S4: spoofed datagrams must not turn the server into an
+    /// amplifier.
+    fn send_unauthenticated(&mut self, to: SocketAddr, msg: &Message<'_>, request_len: usize) {
+        let _ = request_len;
+        self.send(Endpoint::Udp(to), msg);
+    }
     /// Closes a connection once what is queued for it is written (WebSocket: after close
     /// 1000 "Bye"). Its [`Shard::on_closed`] follows.
     fn close(&mut self, conn: ConnId);
@@ -250,6 +258,14 @@ pub enum ShardMsg {
         /// The hook's code: 0 accepts the login.
         code: i32,
     },
+    /// A page of `uid`'s stored messages (after seq `after`) read by the store's reader for
+    /// the drain of that `generation`.
+    Page {
+        uid: UserId<'static>,
+        generation: u64,
+        after: u64,
+        page: Result<Vec<crate::store::Stored>, crate::store::StoreError>,
+    },
 }
 
 /// Why a timer was set.
@@ -262,6 +278,8 @@ enum Timer {
     Qos,
     /// A login's verify has not answered in time.
     Verify(u64),
+    /// Offline drains whose page request found the store's reader busy ask again.
+    DrainRetry,
 }
 
 /// One session: a TCP or WebSocket connection on this core (logged in or not), or a logged-in
@@ -353,6 +371,12 @@ pub struct Stats {
     /// Messages stored because the server's resends to a recipient who is still online ran
     /// out, and delivered again from the store.
     pub redrained: u64,
+    /// Offline page reads refused because the store's reader queue was full (retried on a
+    /// timer).
+    pub read_busy: u64,
+    /// The offline store's counters (limits hit, expired, held bytes): carried by core 0's
+    /// stats only, so that the merged report counts them once.
+    pub store: crate::store::StoreStats,
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
@@ -400,6 +424,8 @@ impl Stats {
         self.malformed += other.malformed;
         self.qos_table_full += other.qos_table_full;
         self.redrained += other.redrained;
+        self.read_busy += other.read_busy;
+        self.store.merge(&other.store);
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
         self.dedup_evicted += other.dedup_evicted;
@@ -462,6 +488,9 @@ pub struct Shard {
     next_fp: u64,
     /// The core that received the UDP datagram being handled (set by `on_udp`).
     udp_via: CoreId,
+    /// The size of the UDP datagram being handled (set by `on_udp`): replies to a source that
+    /// is not logged in are bounded by it.
+    udp_request_len: usize,
     /// The durable offline store, if configured.
     offline: Option<OfflineStore>,
     /// The wheel entry standing for the QoS tables' earliest deadline, and that deadline.
@@ -470,7 +499,7 @@ pub struct Shard {
     /// off it and frozen, so its allocation is reused once the earlier messages are dropped.
     encoded: BytesMut,
     /// Users whose stored messages are being delivered, a page at a time.
-    drains: HashMap<UserId<'static>, offline::Drain>,
+    drains: offline::Drains,
     /// Stored messages delivered and acknowledged whose removal the store may not have
     /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
     removing: offline::Removing,
@@ -526,10 +555,11 @@ impl Shard {
             udp_routes: HashMap::new(),
             next_fp: 0,
             udp_via: core,
+            udp_request_len: 0,
             offline: None,
             qos_timer: None,
             encoded: BytesMut::new(),
-            drains: HashMap::new(),
+            drains: offline::Drains::default(),
             removing: offline::Removing::default(),
             stats: Stats::default(),
         }
@@ -581,6 +611,9 @@ impl Shard {
         stats.dedup_evicted = self.dedup.stats().evicted_keys + self.c2c_done.stats().evicted_keys;
         let bytes = self.resend.bytes() + self.dedup.bytes() + self.c2c_done.bytes();
         stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        if let (0, Some(offline)) = (self.config.core, &self.offline) {
+            stats.store = offline.store.stats();
+        }
         stats
     }
 
@@ -592,6 +625,13 @@ impl Shard {
     /// Whether `uid` is logged in on this shard.
     pub fn is_online(&self, uid: &str) -> bool {
         self.online.contains_key(uid)
+    }
+
+    /// Whether connection `conn` of this core has logged in (the loop's login deadline asks).
+    pub fn is_logged_in(&self, conn: ConnId) -> bool {
+        self.sessions
+            .get(&Endpoint::Conn(conn))
+            .is_some_and(|session| session.uid.is_some())
     }
 
     /// A TCP or WebSocket connection was accepted on this core.
@@ -687,6 +727,7 @@ impl Shard {
             session.via = via;
         }
         self.udp_via = via;
+        self.udp_request_len = bytes.len();
         match self.decoder.decode(bytes) {
             Ok(msg) => {
                 self.stats.messages_in += 1;
@@ -733,6 +774,12 @@ impl Shard {
             ShardMsg::Command(command) => self.run_command(now, command, out),
             ShardMsg::Redrain(uid) => self.redrain(now, &uid, out),
             ShardMsg::Verified { ticket, code } => self.on_verified(now, ticket, code, out),
+            ShardMsg::Page {
+                uid,
+                generation,
+                after,
+                page,
+            } => self.on_page(now, &uid, generation, after, page, out),
         }
     }
 
@@ -790,6 +837,7 @@ impl Shard {
                     qos_due = true;
                 }
                 Timer::Verify(ticket) => self.on_verify_timeout(now, ticket, out),
+                Timer::DrainRetry => self.retry_reads(now, out),
             }
         }
         if qos_due {
@@ -966,7 +1014,12 @@ impl Shard {
                 // SPEC §4.7: type 53 with everything else unchanged; no login needed. Not put in
                 // the resend queue even with QoS (hazard R9).
                 let reply = msg.clone().echo_response();
-                self.send(now, endpoint, reply, out);
+                match endpoint {
+                    Endpoint::Udp(addr) if !self.sessions.contains_key(&endpoint) => {
+                        self.send_unauthenticated(now, addr, reply, out);
+                    }
+                    _ => self.send(now, endpoint, reply, out),
+                }
             }
             (Kind::Logout, Some((uid, ..))) => {
                 tracing::debug!(uid = uid.as_str(), "logout");
@@ -1032,6 +1085,15 @@ impl Shard {
         msg: &Message<'_>,
         out: &mut dyn Outbox,
     ) {
+        if let Endpoint::Udp(addr) = endpoint {
+            // SPEC S4: over UDP the request is not reflected (its source may be spoofed).
+            let reply = Message::error(ErrorResponse {
+                code: ERROR_NOT_LOGGED_IN,
+                message: None,
+            });
+            self.send_unauthenticated(now, addr, reply, out);
+            return;
+        }
         let json = msg.to_json();
         let text = String::from_utf8_lossy(&json);
         let reply = Message::error(ErrorResponse {
@@ -1042,6 +1104,20 @@ impl Shard {
         if let Endpoint::Conn(conn) = endpoint {
             out.close(conn);
         }
+    }
+
+    /// A reply to a UDP source that is not logged in ([`Outbox::send_unauthenticated`]).
+    fn send_unauthenticated(
+        &self,
+        now: Now,
+        to: SocketAddr,
+        mut msg: Message<'_>,
+        out: &mut dyn Outbox,
+    ) {
+        if self.config.server_timestamps {
+            msg.sm = now.epoch_ms;
+        }
+        out.send_unauthenticated(to, &msg, self.udp_request_len);
     }
 
     /// Closes a session on request (logout, refused login…): TCP/WS connections are closed

@@ -6,25 +6,47 @@
 //!   durable — never before.
 //! * A server-sent QoS message reported lost by the resend table is stored the same way (the
 //!   store de-duplicates by recipient, sender and fingerprint, so it is never stored twice).
-//! * At login, stored messages are sent in the order they were stored, a page at a time, with
-//!   QoS; each is removed from the store only when the recipient ACKs it. A recipient that goes
-//!   away mid-delivery gets the rest at its next login.
+//! * At login, stored messages are sent in the order they were stored, with QoS; each is removed
+//!   from the store only when the recipient ACKs it. A recipient that goes away mid-delivery gets
+//!   the rest at its next login. The loop never reads the disk: pages are read by the store's
+//!   [`Reader`] threads and come back as [`ShardMsg::Page`] mail. The drain is flow-controlled:
+//!   at most a window of messages ([`UDP_DRAIN_WINDOW`], [`STREAM_DRAIN_WINDOW`]) is in flight
+//!   (sent, not yet ACKed or lost), and each ACK lets the next one out, so a backlog leaves at
+//!   the pace of the link instead of in bursts a UDP client drops; the next page is read ahead
+//!   while the current one is being sent.
 //! * At shutdown, messages still waiting in the resend table are stored before the loop exits.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use imedge_protocol::session::Transport;
 use imedge_protocol::{Fingerprint, UserId};
 
 use super::route::{Delivery, Outcome};
-use super::{CoreId, Now, Outbox, Pending, Shard, ShardMsg};
-use crate::store::{group::GroupCommit, Offline, Store};
+use super::{CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg, Timer};
+use crate::store::read::Reader;
+use crate::store::{group::GroupCommit, Offline, Store, StoreError, Stored};
 
-/// Stored messages sent per page at login. Bounded so a large backlog neither stalls the loop
-/// nor overflows the connection's send budget (`--max-send-buffer`): the next page goes out when
-/// the recipient has acknowledged (or lost) the current one.
+/// Stored messages read per page (one request to the [`Reader`]). A page is held in memory
+/// until sent, so it is bounded; large enough that a TCP window's worth is one read.
 pub const LOGIN_PAGE: usize = 256;
+
+/// Stored QoS messages in flight (sent, not yet ACKed or lost) per UDP session. A UDP client's
+/// receive buffer (Linux default ~208 KiB, smaller on phones) holds a few hundred datagrams of
+/// ordinary size; 64 stays well inside it even with the client's own traffic, and at a
+/// round trip of tens of milliseconds still moves thousands of messages a second. A burst past
+/// the buffer is dropped and then waits for the resend timer (5 s): measured, a 4.7 s stall.
+pub const UDP_DRAIN_WINDOW: usize = 64;
+
+/// Stored QoS messages in flight per TCP or WebSocket session: the stream does not drop, so
+/// the window only bounds what sits in the send queue (256 × a 6 KiB maximum is 1.5 MiB,
+/// inside the default `--max-send-buffer` of 4 MiB).
+pub const STREAM_DRAIN_WINDOW: usize = 256;
+
+/// How long a drain waits before asking the [`Reader`] again when its queue was full: long
+/// enough that a loaded reader is not polled, short against a login.
+pub const READ_RETRY: Duration = Duration::from_millis(50);
 
 /// Posts mail to a core from any thread (the store writer's callbacks use it).
 pub type Post = Arc<dyn Fn(CoreId, ShardMsg) + Send + Sync>;
@@ -32,10 +54,12 @@ pub type Post = Arc<dyn Fn(CoreId, ShardMsg) + Send + Sync>;
 /// The durable store as a shard sees it.
 #[derive(Clone)]
 pub struct OfflineStore {
-    /// Reads at login.
+    /// The store itself: only the shutdown path (which may block) writes to it directly.
     pub store: Arc<dyn Store>,
-    /// Durable appends (group commit) and removals.
+    /// Durable appends (group commit), removals and the expiry sweep.
     pub writer: Arc<GroupCommit>,
+    /// Reads pages of stored messages off the event loop.
+    pub reader: Arc<Reader>,
     /// How callbacks reach a core.
     pub post: Post,
 }
@@ -47,14 +71,33 @@ impl std::fmt::Debug for OfflineStore {
 }
 
 /// A user whose stored messages are being delivered.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 pub(super) struct Drain {
-    /// Messages of the current page not yet acknowledged or lost.
+    /// Tells this drain's page answers from those of a drain it replaced (a new login).
+    generation: u64,
+    /// Stored QoS messages sent and not yet acknowledged or lost (at most the window).
     in_flight: usize,
-    /// Highest seq sent so far: the next page starts after it (removals may not be committed).
-    last_seq: u64,
-    /// The last page was full: there may be more.
+    /// Read but not sent yet, in seq order.
+    ready: VecDeque<Stored>,
+    /// Highest seq read so far: the next page starts after it (removals may not be committed).
+    read_to: u64,
+    /// The store may hold more after `read_to`.
     more: bool,
+    /// A page request is with the reader.
+    reading: bool,
+    /// A message was stored (redrain) while a page was being read: read again after it.
+    again: bool,
+    /// The reader was busy: ask again at the retry timer.
+    retry: bool,
+}
+
+/// The drains of a shard.
+#[derive(Debug, Default)]
+pub(super) struct Drains {
+    users: HashMap<UserId<'static>, Drain>,
+    next_generation: u64,
+    /// The [`Timer::DrainRetry`] is set.
+    retry_armed: bool,
 }
 
 /// How long a removal is remembered: far longer than the store takes to commit one (its writer
@@ -118,6 +161,7 @@ impl Shard {
             fp: delivery.fp.as_ref().map(|fp| fp.as_str().to_owned()),
             json: delivery.json.clone(),
             stored_at_ms: now.epoch_ms,
+            sender_acked: false,
         };
         let receipt = match (delivery.reply_to, delivery.qos, delivery.fp) {
             (Some(core), true, Some(fp)) => Some((
@@ -171,6 +215,7 @@ impl Shard {
             fp: Some(item.fp.as_str().to_owned()),
             json: item.json.clone(),
             stored_at_ms: now.epoch_ms,
+            sender_acked: true,
         };
         let (post, core, uid) = (Arc::clone(&offline.post), self.config.core, item.to.clone());
         offline.writer.submit(
@@ -184,17 +229,22 @@ impl Shard {
     }
 
     /// A lost message of `uid` was stored: if `uid` is online, send the stored messages again —
-    /// as the next page of a delivery in progress, else as a new one.
+    /// as more of a delivery in progress, else as a new one.
     pub(super) fn redrain(&mut self, now: Now, uid: &UserId<'static>, out: &mut dyn Outbox) {
         if !self.online.contains_key(uid) {
             return;
         }
         self.stats.redrained += 1;
-        if let Some(drain) = self.drains.get_mut(uid) {
-            drain.more = true;
+        if let Some(drain) = self.drains.users.get_mut(uid) {
+            if drain.reading {
+                drain.again = true;
+            } else {
+                drain.more = true;
+            }
+            self.pump(now, uid, out);
             return;
         }
-        self.page_into(now, uid, 0, out);
+        self.start_drain(now, uid);
     }
 
     /// The recipient acknowledged a message: if it came from the store, remove it there.
@@ -207,26 +257,137 @@ impl Shard {
         self.drain_progress(now, &item.to, out);
     }
 
-    /// One message of a page is settled; when the page is done, send the next one.
+    /// One message in flight is settled (ACKed or lost): the window lets the next one out.
     fn drain_progress(&mut self, now: Now, uid: &UserId<'static>, out: &mut dyn Outbox) {
-        let Some(drain) = self.drains.get_mut(uid) else {
+        let Some(drain) = self.drains.users.get_mut(uid) else {
             return;
         };
         drain.in_flight = drain.in_flight.saturating_sub(1);
-        if drain.in_flight > 0 {
+        self.pump(now, uid, out);
+    }
+
+    /// At login: start delivering `uid`'s stored messages, oldest first (replacing a delivery
+    /// to an earlier session).
+    pub(super) fn deliver_stored(&mut self, now: Now, uid: &UserId<'static>, _: &mut dyn Outbox) {
+        self.start_drain(now, uid);
+    }
+
+    /// A new drain for `uid`, from the start of its queue.
+    fn start_drain(&mut self, now: Now, uid: &UserId<'static>) {
+        if self.offline.is_none() || !self.online.contains_key(uid) {
             return;
         }
-        let drain = *drain;
-        self.drains.remove(uid);
-        if drain.more {
-            self.page_into(now, uid, drain.last_seq, out);
+        let generation = self.drains.next_generation;
+        self.drains.next_generation += 1;
+        let drain = Drain {
+            generation,
+            more: true,
+            ..Drain::default()
+        };
+        self.drains.users.insert(uid.clone(), drain);
+        self.read_next(now, uid);
+    }
+
+    /// Asks the reader for the page after `read_to`, unless one is being read or none is left.
+    /// A busy reader is asked again at the retry timer (never in a loop).
+    fn read_next(&mut self, now: Now, uid: &UserId<'static>) {
+        let (Some(offline), Some(drain)) = (&self.offline, self.drains.users.get_mut(uid)) else {
+            return;
+        };
+        if drain.reading || !drain.more {
+            return;
+        }
+        let (post, core) = (Arc::clone(&offline.post), self.config.core);
+        let (generation, after, user) = (drain.generation, drain.read_to, uid.clone());
+        let done = Box::new(move |page| {
+            post(
+                core,
+                ShardMsg::Page {
+                    uid: user,
+                    generation,
+                    after,
+                    page,
+                },
+            );
+        });
+        match offline
+            .reader
+            .submit_page(uid.as_str(), after, LOGIN_PAGE, now.epoch_ms, done)
+        {
+            Ok(()) => {
+                drain.reading = true;
+                drain.retry = false;
+            }
+            Err(StoreError::Busy) => {
+                drain.retry = true;
+                self.stats.read_busy += 1;
+                if !self.drains.retry_armed {
+                    self.drains.retry_armed = true;
+                    self.timers.insert(now.mono + READ_RETRY, Timer::DrainRetry);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(uid = uid.as_str(), %error, "cannot read stored messages");
+                drain.more = false;
+            }
         }
     }
 
-    /// At login: start delivering `uid`'s stored messages, oldest first.
-    pub(super) fn deliver_stored(&mut self, now: Now, uid: &UserId<'static>, out: &mut dyn Outbox) {
-        self.drains.remove(uid);
-        self.page_into(now, uid, 0, out);
+    /// The retry timer: ask the reader again for every drain it was too busy for.
+    pub(super) fn retry_reads(&mut self, now: Now, out: &mut dyn Outbox) {
+        self.drains.retry_armed = false;
+        let waiting: Vec<UserId<'static>> = self
+            .drains
+            .users
+            .iter()
+            .filter(|(_, d)| d.retry)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in waiting {
+            if let Some(drain) = self.drains.users.get_mut(&uid) {
+                drain.retry = false;
+            }
+            self.pump(now, &uid, out);
+        }
+    }
+
+    /// A page the reader read for a drain.
+    pub(super) fn on_page(
+        &mut self,
+        now: Now,
+        uid: &UserId<'static>,
+        generation: u64,
+        after: u64,
+        page: Result<Vec<Stored>, StoreError>,
+        out: &mut dyn Outbox,
+    ) {
+        let Some(drain) = self.drains.users.get_mut(uid) else {
+            return;
+        };
+        if drain.generation != generation {
+            return;
+        }
+        drain.reading = false;
+        match page {
+            Ok(page) => {
+                let full = page.len() == LOGIN_PAGE;
+                let seqs: Vec<u64> = page.iter().map(|stored| stored.seq).collect();
+                self.removing.settle(uid, after, &seqs, full);
+                drain.more = full || std::mem::take(&mut drain.again);
+                for stored in page {
+                    drain.read_to = drain.read_to.max(stored.seq);
+                    // Acknowledged, its removal not committed yet: not again.
+                    if !self.removing.contains(uid, stored.seq) {
+                        drain.ready.push_back(stored);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(uid = uid.as_str(), %error, "cannot read stored messages");
+                drain.more = std::mem::take(&mut drain.again);
+            }
+        }
+        self.pump(now, uid, out);
     }
 
     /// Shutdown: everything still waiting for an ACK in the resend table is stored, so that it
@@ -246,6 +407,7 @@ impl Shard {
                 fp: Some(item.fp.as_str().to_owned()),
                 json: item.json,
                 stored_at_ms: now.epoch_ms,
+                sender_acked: true,
             })
             .collect();
         if records.is_empty() {
@@ -262,36 +424,32 @@ impl Shard {
         }
     }
 
-    /// Sends one page of stored messages after seq `after` to `uid`'s current session.
-    fn page_into(&mut self, now: Now, uid: &UserId<'static>, after: u64, out: &mut dyn Outbox) {
-        let (Some(offline), Some(&endpoint)) = (&self.offline, self.online.get(uid)) else {
+    /// Sends what the window allows of `uid`'s drain, reads ahead, and ends the drain once
+    /// everything is settled.
+    fn pump(&mut self, now: Now, uid: &UserId<'static>, out: &mut dyn Outbox) {
+        let Some(mut drain) = self.drains.users.remove(uid) else {
             return;
         };
-        let page = match offline
-            .store
-            .pending(uid.as_str(), after, LOGIN_PAGE, now.epoch_ms)
-        {
-            Ok(page) => page,
-            Err(error) => {
-                tracing::warn!(uid = uid.as_str(), %error, "cannot read stored messages");
-                return;
-            }
+        let (Some(offline), Some(&endpoint)) = (&self.offline, self.online.get(uid)) else {
+            // Gone: what it did not ACK stays stored for its next login.
+            return;
         };
         let writer = Arc::clone(&offline.writer);
-        let mut drain = Drain {
-            in_flight: 0,
-            last_seq: after,
-            more: page.len() == LOGIN_PAGE,
+        let udp = matches!(endpoint, Endpoint::Udp(_))
+            || self
+                .sessions
+                .get(&endpoint)
+                .is_some_and(|s| s.transport == Transport::Udp);
+        let window = if udp {
+            UDP_DRAIN_WINDOW
+        } else {
+            STREAM_DRAIN_WINDOW
         };
-        let seqs: Vec<u64> = page.iter().map(|stored| stored.seq).collect();
-        self.removing.settle(uid, after, &seqs, drain.more);
         let mut unacked = Vec::new();
-        let mut table_full = false;
-        for stored in page {
-            drain.last_seq = drain.last_seq.max(stored.seq);
-            if self.removing.contains(uid, stored.seq) {
-                continue;
-            }
+        while drain.in_flight < window {
+            let Some(stored) = drain.ready.pop_front() else {
+                break;
+            };
             match stored.fp {
                 Some(fp) => {
                     let fp = Fingerprint::from(fp);
@@ -306,10 +464,13 @@ impl Shard {
                     };
                     let heap = pending.heap_bytes();
                     if self.resend.insert(now.mono, key, pending, heap).is_err() {
-                        // Written only with a resend entry: it stays stored for a later drain.
-                        self.stats.qos_table_full += 1;
-                        table_full = true;
-                        continue;
+                        // Written only with a resend entry: this one and the rest stay stored
+                        // for a later drain (in order: nothing after it is sent either).
+                        self.stats.qos_table_full += 1 + drain.ready.len() as u64;
+                        drain.ready.clear();
+                        drain.more = false;
+                        drain.again = false;
+                        break;
                     }
                     out.send_json(endpoint, &json);
                     self.stats.delivered += 1;
@@ -327,13 +488,15 @@ impl Shard {
             self.removing.insert(now.mono, uid, &unacked);
             writer.remove(uid.as_str(), unacked);
         }
-        if drain.in_flight > 0 {
-            self.drains.insert(uid.clone(), drain);
-        } else if drain.more && !table_full {
-            // Nothing of this page waits for an ACK (it was all being removed, or sent without
-            // QoS): on to the next one. (Not when the resend table is full: the rest waits for
-            // a later drain.)
-            self.page_into(now, uid, drain.last_seq, out);
+        let settled = drain.in_flight == 0 && drain.ready.is_empty();
+        if settled && !drain.more && !drain.reading && !drain.retry {
+            return;
+        }
+        // Read ahead: the next page is on its way while the last window of this one is sent.
+        let read_ahead = drain.ready.len() < window && !drain.retry;
+        self.drains.users.insert(uid.clone(), drain);
+        if read_ahead {
+            self.read_next(now, uid);
         }
     }
 }

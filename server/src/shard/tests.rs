@@ -646,12 +646,28 @@ struct TestStore {
 
 impl TestStore {
     fn new(name: &str) -> Self {
+        Self::with_reader(
+            name,
+            crate::store::read::READER_THREADS,
+            crate::store::read::READ_QUEUE_CAPACITY,
+        )
+    }
+
+    /// With a reader of `threads` threads and a queue of `capacity`.
+    fn with_reader(name: &str, threads: usize, capacity: usize) -> Self {
         let dir = std::env::temp_dir().join(format!("imedge-shard-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store: Arc<dyn crate::store::Store> = Arc::new(
             crate::store::redb::RedbStore::open(&dir, crate::store::Limits::default()).unwrap(),
         );
-        let writer = Arc::new(crate::store::group::GroupCommit::start(Arc::clone(&store)).unwrap());
+        // The expiry sweep runs on the virtual clock's day (messages are stored at T0).
+        let config = crate::store::group::GroupConfig {
+            clock: || T0_EPOCH_MS + 3_600_000,
+            ..Default::default()
+        };
+        let writer = Arc::new(
+            crate::store::group::GroupCommit::start_with(Arc::clone(&store), config).unwrap(),
+        );
         let mail = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&mail);
         let post: Post = Arc::new(move |core, msg| sink.lock().unwrap().push((core, msg)));
@@ -660,6 +676,10 @@ impl TestStore {
             offline: OfflineStore {
                 store: Arc::clone(&store),
                 writer,
+                reader: Arc::new(
+                    crate::store::read::Reader::start_with(Arc::clone(&store), threads, capacity)
+                        .unwrap(),
+                ),
                 post,
             },
             store,
@@ -678,6 +698,31 @@ impl TestStore {
         for (core, msg) in mail {
             w.on(core, |shard, now, out| shard.on_mail(now, msg, out));
         }
+    }
+
+    /// Delivers the store's mail (pages read, commits) until `endpoint` has received `n`
+    /// messages; returns them.
+    fn collect(&self, w: &mut World, endpoint: Endpoint, n: usize) -> Vec<Message<'static>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = w.take(endpoint);
+        while got.len() < n {
+            assert!(Instant::now() < deadline, "{} of {n} arrived", got.len());
+            if !self.deliver(w) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            got.extend(w.take(endpoint));
+        }
+        got
+    }
+
+    /// Delivers the store's mail queued so far; whether there was any.
+    fn deliver(&self, w: &mut World) -> bool {
+        let mail: Vec<_> = self.mail.lock().unwrap().drain(..).collect();
+        let any = !mail.is_empty();
+        for (core, msg) in mail {
+            w.on(core, |shard, now, out| shard.on_mail(now, msg, out));
+        }
+        any
     }
 
     /// Waits until `uid` has exactly `n` stored messages.
@@ -751,7 +796,7 @@ fn offline_messages_are_acked_after_commit_and_delivered_in_order_at_login() {
     // Carol logs in (on another transport, landing on the other core): all five, in order.
     let c = w.open(0, 2, Transport::Ws);
     w.login(c, &carol, 0);
-    let got = w.take(conn(c));
+    let got = store.collect(&mut w, conn(c), 6);
     assert_eq!(got[0].kind, Kind::LoginResponse);
     let texts: Vec<_> = got[1..]
         .iter()
@@ -766,7 +811,7 @@ fn offline_messages_are_acked_after_commit_and_delivered_in_order_at_login() {
     w.on(1, |shard, now, out| shard.on_closed(now, c, out));
     let c2 = w.open(1, 3, Transport::Udp);
     w.login(c2, &carol, 0);
-    let again: Vec<_> = w.take(conn(c2))[1..]
+    let again: Vec<_> = store.collect(&mut w, conn(c2), 4)[1..]
         .iter()
         .map(|m| m.text().unwrap().to_owned())
         .collect();
@@ -1009,8 +1054,7 @@ fn resends_to_an_online_recipient_that_run_out_are_stored_and_redelivered() {
     assert_eq!(w.take(conn(b)).len(), 1, "the reference's single resend");
     store.wait_stored("bob", 1);
     // Once committed, bob (still online) gets it again from the store, without a new login.
-    store.settle(&mut w, 1);
-    let again = w.take(conn(b));
+    let again = store.collect(&mut w, conn(b), 1);
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].text(), Some("hello"));
     assert_eq!(again[0].fp.as_ref().unwrap().as_str(), "fp-r");
@@ -1192,10 +1236,117 @@ fn stored_messages_are_written_only_with_a_resend_entry() {
     // untracked, they stay stored.
     let c = w.open(0, 2, Transport::Tcp);
     w.login(c, "carol", 0);
-    let got: Vec<_> = w.take(conn(c)).into_iter().skip(1).collect();
+    let got: Vec<_> = store
+        .collect(&mut w, conn(c), 2)
+        .into_iter()
+        .skip(1)
+        .collect();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].text(), Some("m0"));
     assert_eq!(w.shards[0].stats().qos_table_full, 2);
     w.frame(c, &ack("carol", "alice", "fp0"));
     store.wait_stored("carol", 2);
+}
+
+#[test]
+fn a_busy_reader_is_asked_again_on_a_timer() {
+    // One reader thread, a queue of one: held in a callback with one request queued, it is
+    // busy for the shard.
+    let store = TestStore::with_reader("read-busy", 1, 1);
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..3 {
+        w.frame(
+            a,
+            &data("alice", "carol", &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    store.settle(&mut w, 3);
+    store.wait_stored("carol", 3);
+    let (entered, in_callback) = crossbeam_channel::bounded(1);
+    let (release, released) = crossbeam_channel::bounded::<()>(1);
+    let reader = &store.offline.reader;
+    let hold = Box::new(move |_| {
+        entered.send(()).unwrap();
+        released.recv_timeout(Duration::from_secs(10)).unwrap();
+    });
+    reader.submit_page("x", 0, 1, 0, hold).unwrap();
+    in_callback.recv_timeout(Duration::from_secs(10)).unwrap();
+    reader.submit_page("x", 0, 1, 0, Box::new(|_| {})).unwrap();
+
+    let c = w.open(0, 2, Transport::Tcp);
+    w.login(c, "carol", 0);
+    assert_eq!(w.take(conn(c)).len(), 1, "the login response only");
+    assert_eq!(w.shards[0].stats().read_busy, 1);
+    // Still busy at the retry: counted again, asked again later — one timer, no loop.
+    w.advance(offline::READ_RETRY);
+    assert_eq!(w.shards[0].stats().read_busy, 2);
+    release.send(()).unwrap();
+    // Once the reader has room, the next retry reads the page.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        assert!(Instant::now() < deadline, "{} of 3 arrived", got.len());
+        w.advance(offline::READ_RETRY);
+        store.deliver(&mut w);
+        got.extend(w.take(conn(c)));
+        if got.len() < 3 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let texts: Vec<_> = got.iter().map(|m| m.text().unwrap().to_owned()).collect();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+}
+
+#[test]
+fn the_drain_keeps_a_window_in_flight_that_slides_with_each_ack() {
+    let store = TestStore::new("window");
+    let mut w = World::with_config(1, Arc::new(Probe::default()), |c| c.session_msg_rate = 0);
+    w.shards = w
+        .shards
+        .drain(..)
+        .map(|shard| shard.with_store(store.offline.clone()))
+        .collect();
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    const N: usize = 300;
+    for (transport, window, prefix) in [
+        (Transport::Udp, UDP_DRAIN_WINDOW, "fp"),
+        (Transport::Tcp, STREAM_DRAIN_WINDOW, "again"),
+    ] {
+        for i in 0..N {
+            w.frame(
+                a,
+                &data(
+                    "alice",
+                    "carol",
+                    &format!("m{i}"),
+                    Some(&format!("{prefix}{i}")),
+                ),
+            );
+        }
+        store.settle(&mut w, N);
+        store.wait_stored("carol", N);
+        let _ = w.take(conn(a));
+        let c = w.open(0, 10 + window as u64, transport);
+        w.login(c, "carol", 0);
+        let mut got: Vec<_> = store.collect(&mut w, conn(c), 1 + window)[1..].to_vec();
+        // The next page is read ahead, but no more than the window is sent.
+        std::thread::sleep(Duration::from_millis(50));
+        store.deliver(&mut w);
+        got.extend(w.take(conn(c)));
+        assert_eq!(got.len(), window, "{transport:?}");
+        // Each ACK lets exactly one more out, in order, across the page boundary.
+        for i in 0..N {
+            let fp = got[i].fp.as_ref().unwrap().as_str().to_owned();
+            assert_eq!(fp, format!("{prefix}{i}"), "{transport:?}");
+            w.frame(c, &ack("carol", "alice", &fp));
+            let want = (window + i + 1).min(N);
+            got.extend(store.collect(&mut w, conn(c), want - got.len()));
+            assert_eq!(got.len(), want, "{transport:?} after {} ACKs", i + 1);
+        }
+        store.wait_stored("carol", 0);
+        w.on(0, |shard, now, out| shard.on_closed(now, c, out));
+    }
 }

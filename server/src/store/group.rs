@@ -25,7 +25,9 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use super::{Appended, Offline, Store, StoreError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::{Appended, Offline, Removal, Store, StoreError};
 
 /// Requests the queue holds before [`GroupCommit::submit`] answers [`StoreError::Busy`]. At
 /// [`MAX_BATCH`] per commit that is 16 commits (tens of milliseconds of disk time) of backlog —
@@ -39,6 +41,17 @@ pub const QUEUE_CAPACITY: usize = 16_384;
 /// its first message stay small.
 pub const MAX_BATCH: usize = 1_024;
 
+/// How often the writer sweeps expired messages out of the store
+/// ([`Limits::max_age`](super::Limits::max_age)): the age limit is days, so a minute's lateness
+/// is nothing, and an idle store costs one small read transaction a minute.
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+/// Expired messages deleted per transaction of a sweep: small enough that one chunk holds the
+/// writer (and the appends queued behind it, i.e. senders' ACKs) for milliseconds only; a
+/// larger backlog (the server was down for a week) is swept a chunk per writer turn, between
+/// batches of appends.
+pub const EXPIRE_CHUNK: usize = 512;
+
 /// The writer thread's name (visible in `top -H`, panics and profiles).
 const THREAD_NAME: &str = "imedge-store";
 
@@ -47,13 +60,20 @@ const THREAD_NAME: &str = "imedge-store";
 /// [`StoreError::Closed`]).
 pub type Done = Box<dyn FnOnce(Result<Appended, StoreError>) + Send + 'static>;
 
-/// Sizes of the queue and of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Sizes of the queue and of a batch, and the expiry sweep.
+#[derive(Debug, Clone, Copy)]
 pub struct GroupConfig {
     /// See [`QUEUE_CAPACITY`].
     pub queue_capacity: usize,
     /// See [`MAX_BATCH`].
     pub max_batch: usize,
+    /// See [`EXPIRE_EVERY`].
+    pub expire_every: Duration,
+    /// See [`EXPIRE_CHUNK`].
+    pub expire_chunk: usize,
+    /// The wall clock (ms since the Unix epoch) the sweep compares `stored_at_ms` with; tests
+    /// that store at a fixed virtual time give their own.
+    pub clock: fn() -> i64,
 }
 
 impl Default for GroupConfig {
@@ -61,8 +81,18 @@ impl Default for GroupConfig {
         Self {
             queue_capacity: QUEUE_CAPACITY,
             max_batch: MAX_BATCH,
+            expire_every: EXPIRE_EVERY,
+            expire_chunk: EXPIRE_CHUNK,
+            clock: system_ms,
         }
     }
+}
+
+/// The system clock in ms since the Unix epoch (the server's `Now::epoch_ms`).
+pub fn system_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// What the writer has done since it started.
@@ -80,6 +110,10 @@ pub struct GroupStats {
     pub busy: u64,
     /// Callbacks that panicked (contained).
     pub callback_panics: u64,
+    /// Removal transactions (each covers every removal queued in one writer turn).
+    pub removal_batches: u64,
+    /// Expiry sweeps run (each one transaction of at most [`EXPIRE_CHUNK`]).
+    pub sweeps: u64,
 }
 
 /// The group-commit front of a [`Store`]: a bounded queue and one writer thread.
@@ -108,7 +142,7 @@ enum Request {
     /// Store a message; tell `done` once it is durable (or failed).
     Append { msg: Offline, done: Done },
     /// Delete delivered messages of a user (batched with others of the same turn).
-    Remove { to: String, seqs: Vec<u64> },
+    Remove(Removal),
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +153,8 @@ struct Counters {
     failed: AtomicU64,
     busy: AtomicU64,
     callback_panics: AtomicU64,
+    removal_batches: AtomicU64,
+    sweeps: AtomicU64,
 }
 
 impl GroupCommit {
@@ -133,10 +169,9 @@ impl GroupCommit {
         let counters = Arc::new(Counters::default());
         let writer = {
             let counters = Arc::clone(&counters);
-            let max_batch = config.max_batch.max(1);
             std::thread::Builder::new()
                 .name(THREAD_NAME.to_owned())
-                .spawn(move || write_loop(store.as_ref(), &requests, max_batch, &counters))
+                .spawn(move || write_loop(store.as_ref(), &requests, &config, &counters))
                 .map_err(StoreError::backend)?
         };
         Ok(Self {
@@ -174,10 +209,10 @@ impl GroupCommit {
         let Some(queue) = &self.queue else {
             return;
         };
-        let request = Request::Remove {
+        let request = Request::Remove(Removal {
             to: to.to_owned(),
             seqs,
-        };
+        });
         if queue.try_send(request).is_err() {
             self.counters.busy.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(to, "offline store queue full: removal dropped");
@@ -199,6 +234,8 @@ impl GroupCommit {
             failed: c.failed.load(Ordering::Relaxed),
             busy: c.busy.load(Ordering::Relaxed),
             callback_panics: c.callback_panics.load(Ordering::Relaxed),
+            removal_batches: c.removal_batches.load(Ordering::Relaxed),
+            sweeps: c.sweeps.load(Ordering::Relaxed),
         }
     }
 
@@ -231,15 +268,43 @@ impl Drop for GroupCommit {
     }
 }
 
-/// The writer thread: batch, append once, answer each request; until the queue is disconnected
-/// and empty.
-fn write_loop(store: &dyn Store, requests: &Receiver<Request>, max_batch: usize, c: &Counters) {
+/// The writer thread: batch, append once, answer each request; remove what was delivered (one
+/// transaction per turn); sweep expired messages every [`GroupConfig::expire_every`]; until the
+/// queue is disconnected and empty.
+fn write_loop(store: &dyn Store, requests: &Receiver<Request>, config: &GroupConfig, c: &Counters) {
+    let max_batch = config.max_batch.max(1);
     let mut msgs = Vec::with_capacity(max_batch);
     let mut dones = Vec::with_capacity(max_batch);
-    let mut removals: Vec<(String, Vec<u64>)> = Vec::new();
-    while let Ok(first) = requests.recv() {
+    let mut removals: Vec<Removal> = Vec::new();
+    let mut next_sweep = Instant::now() + config.expire_every;
+    // The last sweep stopped at its chunk: the next one runs at the next turn.
+    let mut sweep_more = false;
+    loop {
+        let wait = if sweep_more {
+            Duration::ZERO
+        } else {
+            next_sweep.saturating_duration_since(Instant::now())
+        };
+        let first = match requests.recv_timeout(wait) {
+            Ok(first) => Some(first),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        if sweep_more || Instant::now() >= next_sweep {
+            c.sweeps.fetch_add(1, Ordering::Relaxed);
+            let swept = catch_unwind(AssertUnwindSafe(|| {
+                store.expire((config.clock)(), config.expire_chunk)
+            }));
+            sweep_more = matches!(swept, Ok(Ok(super::Expired { more: true, .. })));
+            if !matches!(swept, Ok(Ok(_))) {
+                tracing::warn!("offline store: the expiry sweep failed");
+            }
+            if !sweep_more {
+                next_sweep = Instant::now() + config.expire_every;
+            }
+        }
         let mut taken = 0;
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(request) = next.take() {
             taken += 1;
             match request {
@@ -247,20 +312,27 @@ fn write_loop(store: &dyn Store, requests: &Receiver<Request>, max_batch: usize,
                     msgs.push(msg);
                     dones.push(done);
                 }
-                Request::Remove { to, seqs } => match removals.iter_mut().find(|(t, _)| *t == to) {
-                    Some((_, all)) => all.extend(seqs),
-                    None => removals.push((to, seqs)),
-                },
+                Request::Remove(removal) => {
+                    match removals.iter_mut().find(|r| r.to == removal.to) {
+                        Some(r) => r.seqs.extend(removal.seqs),
+                        None => removals.push(removal),
+                    }
+                }
             }
             if taken < max_batch {
                 next = requests.try_recv().ok();
             }
         }
-        for (to, seqs) in removals.drain(..) {
-            let removed = catch_unwind(AssertUnwindSafe(|| store.remove(&to, &seqs)));
+        if !removals.is_empty() {
+            c.removal_batches.fetch_add(1, Ordering::Relaxed);
+            let removed = catch_unwind(AssertUnwindSafe(|| store.remove(&removals)));
             if !matches!(removed, Ok(Ok(()))) {
-                tracing::warn!(to, "offline store: removing delivered messages failed");
+                tracing::warn!(
+                    users = removals.len(),
+                    "offline store: removing delivered messages failed"
+                );
             }
+            removals.clear();
         }
         if msgs.is_empty() {
             continue;
@@ -334,6 +406,7 @@ mod tests {
     fn unlimited() -> Limits {
         Limits {
             max_per_user: usize::MAX,
+            max_per_sender: usize::MAX,
             ..Limits::default()
         }
     }
@@ -486,11 +559,11 @@ mod tests {
         fn pending(&self, _: &str, _: u64, _: usize, _: i64) -> Result<Vec<Stored>, StoreError> {
             Ok(Vec::new())
         }
-        fn remove(&self, _: &str, _: &[u64]) -> Result<(), StoreError> {
+        fn remove(&self, _: &[Removal]) -> Result<(), StoreError> {
             Ok(())
         }
-        fn expire(&self, _: i64) -> Result<u64, StoreError> {
-            Ok(0)
+        fn expire(&self, _: i64, _: usize) -> Result<crate::store::Expired, StoreError> {
+            Ok(crate::store::Expired::default())
         }
         fn stats(&self) -> StoreStats {
             StoreStats::default()
@@ -508,12 +581,111 @@ mod tests {
         );
     }
 
+    /// The sweep's virtual clock: a week and a day after the messages were stored at 0.
+    fn eight_days_later() -> i64 {
+        8 * 24 * 60 * 60 * 1000
+    }
+
+    #[test]
+    fn the_sweep_deletes_expired_messages_while_running() {
+        let dir = TempDir::new("sweep");
+        let limits = Limits {
+            max_per_user: usize::MAX,
+            max_per_sender: usize::MAX,
+            ..Limits::default()
+        };
+        let store = Arc::new(RedbStore::open(dir.path(), limits).unwrap());
+        // 1,000 old messages (more than one chunk) and one fresh, stored before the writer runs.
+        let mut old: Vec<Offline> = (0..1_000)
+            .map(|n| msg(&format!("u{}", n % 7), "s", n, 0))
+            .collect();
+        old.push(msg("u0", "s", 5_000, eight_days_later()));
+        store.append(&old).unwrap();
+        let config = GroupConfig {
+            expire_every: Duration::from_millis(20),
+            expire_chunk: 300,
+            clock: eight_days_later,
+            ..GroupConfig::default()
+        };
+        let group = GroupCommit::start_with(store.clone(), config).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while store.stats().expired < 1_000 {
+            assert!(Instant::now() < deadline, "swept {:?}", store.stats());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Chunk by chunk (four transactions), and only what expired.
+        assert!(group.stats().sweeps >= 4, "{:?}", group.stats());
+        assert_eq!(store.stats().expired, 1_000);
+        let left = store
+            .pending("u0", 0, usize::MAX, eight_days_later())
+            .unwrap();
+        assert_eq!(
+            left.iter().map(|s| n_of(&s.json)).collect::<Vec<_>>(),
+            [5_000]
+        );
+        group.shutdown();
+    }
+
+    #[test]
+    fn removals_of_one_turn_share_one_transaction() {
+        let dir = TempDir::new("removals");
+        let store = Arc::new(RedbStore::open(dir.path(), unlimited()).unwrap());
+        let batch: Vec<Offline> = (0..60)
+            .map(|n| msg(&format!("u{}", n % 30), "s", n, now_ms()))
+            .collect();
+        store.append(&batch).unwrap();
+        let commits = store.stats().commits;
+        let group = GroupCommit::start(store.clone()).unwrap();
+        // The writer is held in a callback while 30 users' removals queue up: it takes
+        // everything queued in one turn.
+        let blocker = Arc::new((Mutex::new(false), Condvar::new()));
+        let (entered, blocked) = crossbeam_channel::bounded(1);
+        {
+            let blocker = Arc::clone(&blocker);
+            group.submit(
+                msg("z", "s", 999, now_ms()),
+                Box::new(move |_| {
+                    entered.send(()).unwrap();
+                    let (lock, cv) = &*blocker;
+                    let mut go = lock.lock().unwrap();
+                    while !*go {
+                        go = cv.wait(go).unwrap();
+                    }
+                }),
+            );
+        }
+        blocked.recv_timeout(WAIT).unwrap();
+        for u in 0..30 {
+            let to = format!("u{u}");
+            let seqs: Vec<u64> = store
+                .pending(&to, 0, usize::MAX, now_ms())
+                .unwrap()
+                .iter()
+                .map(|s| s.seq)
+                .collect();
+            group.remove(&to, seqs);
+        }
+        *blocker.0.lock().unwrap() = true;
+        blocker.1.notify_all();
+        group.shutdown();
+        for u in 0..30 {
+            assert!(store
+                .pending(&format!("u{u}"), 0, usize::MAX, now_ms())
+                .unwrap()
+                .is_empty());
+        }
+        assert_eq!(store.stats().removed, 60);
+        // The blocker's append, then ONE transaction for all 30 users' removals.
+        assert_eq!(store.stats().commits, commits + 2);
+    }
+
     #[test]
     fn full_queue_fails_fast_and_the_rest_drain_in_one_batch() {
         let (gate, appends) = Gate::new(false);
         let config = GroupConfig {
             queue_capacity: 2,
             max_batch: 64,
+            ..GroupConfig::default()
         };
         let group = GroupCommit::start_with(gate.clone(), config).unwrap();
         let (tx, rx): (_, Outcomes) = crossbeam_channel::unbounded();

@@ -29,14 +29,17 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ::redb::{
     Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
 use bytes::Bytes;
 
-use super::{Appended, Counters, Limits, Offline, Store, StoreError, StoreStats, Stored};
+use super::{
+    Appended, Counters, Expired, Limits, Offline, Removal, Store, StoreError, StoreStats, Stored,
+    SERVER_SENDER,
+};
 
 /// The store's file name under the data directory.
 pub const FILE_NAME: &str = "offline.redb";
@@ -46,11 +49,6 @@ pub const FILE_NAME: &str = "offline.redb";
 /// holds the hot part (recent pages of the B-trees) and the rest of the memory stays with the
 /// event loops.
 pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
-
-/// Deletions per write transaction in [`Store::expire`], so that expiring a backlog (the server
-/// was down for a week) never builds one huge transaction or holds the write lock — and with it
-/// the group-commit writer — for long.
-pub const EXPIRE_CHUNK: usize = 4_096;
 
 /// The layout version in `meta.schema`; a file with another version is refused, not misread.
 const SCHEMA_VERSION: u64 = 1;
@@ -71,6 +69,52 @@ pub struct RedbStore {
     db: Database,
     limits: Limits,
     counters: Counters,
+    /// What the per-sender quota and the byte cap are checked against: kept in memory (rebuilt
+    /// by one scan at open) so an append needs no extra table. Locked for the whole of every
+    /// write transaction, before it begins, and updated only after its commit — so it always
+    /// equals what is durable.
+    held: Mutex<Held>,
+}
+
+/// The store's contents in numbers (see [`RedbStore::held`]).
+#[derive(Debug, Default)]
+struct Held {
+    /// Messages stored, per sender (a sender with none has no entry).
+    per_sender: HashMap<String, u64>,
+    /// Messages stored.
+    messages: u64,
+    /// Bytes stored: [`size`] of every message.
+    bytes: u64,
+}
+
+impl Held {
+    fn freed(&mut self, freed: &[Freed]) {
+        for f in freed {
+            self.messages = self.messages.saturating_sub(1);
+            self.bytes = self.bytes.saturating_sub(f.bytes);
+            if let Some(from) = &f.from {
+                if let Some(n) = self.per_sender.get_mut(from) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.per_sender.remove(from);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A deleted message, as [`Held`] counts it.
+#[derive(Debug)]
+struct Freed {
+    /// Its sender (`None`: the record was malformed).
+    from: Option<String>,
+    bytes: u64,
+}
+
+/// What a message counts against [`Limits::max_bytes`]: its record and its key.
+fn size(to: &str, record_len: usize) -> u64 {
+    (to.len() + record_len) as u64
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -94,9 +138,40 @@ impl RedbStore {
             db,
             limits,
             counters: Counters::default(),
+            held: Mutex::new(Held::default()),
         };
         store.init()?;
+        let held = store.scan()?;
+        store.counters.set_held(held.messages, held.bytes);
+        *store.lock() = held;
         Ok(store)
+    }
+
+    /// Counts what is stored (one pass over the messages).
+    fn scan(&self) -> Result<Held, StoreError> {
+        let mut held = Held::default();
+        let txn = self.db.begin_read()?;
+        let messages = txn.open_table(MESSAGES)?;
+        for entry in messages.iter()? {
+            let (key, value) = entry?;
+            let (to, _) = key.value();
+            let value = value.value();
+            held.messages += 1;
+            held.bytes += size(to, value.len());
+            // A malformed record counts in bytes only; `pending` reports it.
+            if let Ok(record) = record::decode(value) {
+                *held.per_sender.entry(record.from.to_owned()).or_default() += 1;
+            }
+        }
+        Ok(held)
+    }
+
+    /// The accounting, for one write transaction (a poisoned lock is still consistent: it is
+    /// updated only after a commit, in one step).
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The limits this store enforces.
@@ -149,35 +224,41 @@ impl RedbStore {
         Ok(())
     }
 
-    /// Deletes the given messages of `to` in one transaction; returns how many existed.
-    fn delete(&self, to: &str, seqs: &[u64]) -> Result<u64, StoreError> {
-        if seqs.is_empty() {
+    /// Deletes the given messages in one transaction; returns how many existed.
+    fn delete(&self, removals: &[Removal]) -> Result<u64, StoreError> {
+        if removals.iter().all(|r| r.seqs.is_empty()) {
             return Ok(0);
         }
+        let mut held = self.lock();
         let txn = self.begin_write()?;
-        let mut deleted = 0;
+        let mut freed = Vec::new();
         {
             let mut tables = Tables::open(&txn)?;
-            for &seq in seqs {
-                if tables.delete(to, seq)? {
-                    deleted += 1;
+            for removal in removals {
+                for &seq in &removal.seqs {
+                    if let Some(f) = tables.delete(&removal.to, seq)? {
+                        freed.push(f);
+                    }
                 }
             }
         }
-        self.finish(txn, deleted > 0)?;
-        Ok(deleted)
+        self.finish(txn, !freed.is_empty())?;
+        held.freed(&freed);
+        self.counters.set_held(held.messages, held.bytes);
+        Ok(freed.len() as u64)
     }
 
-    /// One chunk of [`Store::expire`]: deletes up to [`EXPIRE_CHUNK`] messages stored before
-    /// `cutoff_ms`; returns (deleted, whether more may remain).
-    fn expire_chunk(&self, cutoff_ms: i64) -> Result<(u64, bool), StoreError> {
+    /// [`Store::expire`]: deletes up to `max` messages stored before `cutoff_ms`; returns
+    /// (deleted, whether more may remain).
+    fn expire_chunk(&self, cutoff_ms: i64, max: usize) -> Result<(u64, bool), StoreError> {
+        let mut held = self.lock();
         let txn = self.begin_write()?;
-        let mut deleted = 0;
+        let mut freed = Vec::new();
         let mut due = Vec::new();
         {
             let mut tables = Tables::open(&txn)?;
             for entry in tables.by_age.range(..(cutoff_ms, "", 0u64))? {
-                if due.len() >= EXPIRE_CHUNK {
+                if due.len() >= max {
                     break;
                 }
                 let (key, _) = entry?;
@@ -187,13 +268,15 @@ impl RedbStore {
             for (at, to, seq) in &due {
                 // The index row goes even if its message is missing, so the loop always advances.
                 tables.by_age.remove((*at, to.as_str(), *seq))?;
-                if tables.delete(to, *seq)? {
-                    deleted += 1;
+                if let Some(f) = tables.delete(to, *seq)? {
+                    freed.push(f);
                 }
             }
         }
         self.finish(txn, !due.is_empty())?;
-        Ok((deleted, due.len() >= EXPIRE_CHUNK))
+        held.freed(&freed);
+        self.counters.set_held(held.messages, held.bytes);
+        Ok((freed.len() as u64, due.len() >= max))
     }
 }
 
@@ -204,8 +287,13 @@ impl Store for RedbStore {
             return Ok(outcomes);
         }
         let max_per_user = u64::try_from(self.limits.max_per_user).unwrap_or(u64::MAX);
+        let max_per_sender = u64::try_from(self.limits.max_per_sender).unwrap_or(u64::MAX);
+        let mut held = self.lock();
         let txn = self.begin_write()?;
         let mut stored_any = false;
+        // What this batch adds to `held`, applied once it is committed.
+        let mut added_per_sender: HashMap<&str, u64> = HashMap::new();
+        let mut added_bytes = 0u64;
         {
             let mut tables = Tables::open(&txn)?;
             let mut meta = txn.open_table(META)?;
@@ -240,12 +328,35 @@ impl Store for RedbStore {
                     outcomes.push(Appended::OverLimit);
                     continue;
                 }
+                let from = msg.from.as_str();
+                let sent = held.per_sender.get(from).copied().unwrap_or(0)
+                    + added_per_sender.get(from).copied().unwrap_or(0);
+                if !msg.sender_acked && from != SERVER_SENDER && sent >= max_per_sender {
+                    tracing::debug!(from, max_per_sender, "sender's offline quota full: refused");
+                    outcomes.push(Appended::OverSenderQuota);
+                    continue;
+                }
+                record::encode(msg, &mut record)?;
+                let bytes = size(to, record.len());
+                if !msg.sender_acked
+                    && held.bytes.saturating_add(added_bytes).saturating_add(bytes)
+                        > self.limits.max_bytes
+                {
+                    tracing::debug!(
+                        to,
+                        max_bytes = self.limits.max_bytes,
+                        "offline store full: refused"
+                    );
+                    outcomes.push(Appended::OverCapacity);
+                    continue;
+                }
                 let seq = next_seq;
                 next_seq = seq.checked_add(1).ok_or(StoreError::Corrupt {
                     what: "sequence counter",
                     detail: "exhausted".to_owned(),
                 })?;
-                record::encode(msg, &mut record)?;
+                *added_per_sender.entry(from).or_default() += 1;
+                added_bytes += bytes;
                 tables.messages.insert((to, seq), record.as_slice())?;
                 if let Some(fp) = &msg.fp {
                     tables
@@ -269,6 +380,13 @@ impl Store for RedbStore {
         // Duplicates were already durable; over-limit messages were not written: a batch that
         // stored nothing needs no commit.
         self.finish(txn, stored_any)?;
+        for (from, n) in added_per_sender {
+            held.messages += n;
+            *held.per_sender.entry(from.to_owned()).or_default() += n;
+        }
+        held.bytes += added_bytes;
+        self.counters.set_held(held.messages, held.bytes);
+        drop(held);
         self.counters.appended(&outcomes);
         Ok(outcomes)
     }
@@ -281,67 +399,56 @@ impl Store for RedbStore {
         now_ms: i64,
     ) -> Result<Vec<Stored>, StoreError> {
         let mut out = Vec::new();
-        let mut expired = Vec::new();
-        {
-            let txn = self.db.begin_read()?;
-            let messages = txn.open_table(MESSAGES)?;
-            let Some(first) = after.checked_add(1) else {
-                return Ok(out);
-            };
-            for entry in messages.range((to, first)..=(to, u64::MAX))? {
-                if out.len() >= limit {
-                    break;
-                }
-                let (key, value) = entry?;
-                let (_, seq) = key.value();
-                let record = record::decode(value.value()).map_err(|e| located(e, to, seq))?;
-                if self.limits.expired(record.stored_at_ms, now_ms) {
-                    expired.push(seq);
-                    continue;
-                }
-                out.push(Stored {
-                    seq,
-                    from: record.from.to_owned(),
-                    fp: record.fp.map(str::to_owned),
-                    json: Bytes::copy_from_slice(record.json),
-                    stored_at_ms: record.stored_at_ms,
-                });
+        let txn = self.db.begin_read()?;
+        let messages = txn.open_table(MESSAGES)?;
+        let Some(first) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        for entry in messages.range((to, first)..=(to, u64::MAX))? {
+            if out.len() >= limit {
+                break;
             }
-        }
-        if !expired.is_empty() {
-            let n = self.delete(to, &expired)?;
-            self.counters.expired(n);
-            // Dropped, never silently: counted in the stats and said in the log.
-            tracing::info!(
-                to,
-                dropped = n,
-                max_age_secs = self.limits.max_age.as_secs(),
-                "expired offline messages dropped"
-            );
+            let (key, value) = entry?;
+            let (_, seq) = key.value();
+            let record = record::decode(value.value()).map_err(|e| located(e, to, seq))?;
+            if self.limits.expired(record.stored_at_ms, now_ms) {
+                // Left for the sweep (`expire`), which deletes and counts it.
+                continue;
+            }
+            out.push(Stored {
+                seq,
+                from: record.from.to_owned(),
+                fp: record.fp.map(str::to_owned),
+                json: Bytes::copy_from_slice(record.json),
+                stored_at_ms: record.stored_at_ms,
+            });
         }
         Ok(out)
     }
 
-    fn remove(&self, to: &str, seqs: &[u64]) -> Result<(), StoreError> {
-        let n = self.delete(to, seqs)?;
+    fn remove(&self, removals: &[Removal]) -> Result<(), StoreError> {
+        let n = self.delete(removals)?;
         self.counters.removed(n);
         Ok(())
     }
 
-    fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+    fn expire(&self, now_ms: i64, max: usize) -> Result<Expired, StoreError> {
         // expired ⇔ now - stored_at > max_age ⇔ stored_at < now - max_age
         let cutoff_ms = now_ms.saturating_sub(self.limits.max_age_ms());
-        let mut total = 0;
-        loop {
-            let (n, more) = self.expire_chunk(cutoff_ms)?;
-            total += n;
-            self.counters.expired(n);
-            if !more {
-                return Ok(total);
-            }
+        let (deleted, more) = self.expire_chunk(cutoff_ms, max.max(1))?;
+        self.counters.expired(deleted);
+        if deleted > 0 {
+            // Dropped, never silently: counted in the stats and said in the log.
+            tracing::info!(
+                dropped = deleted,
+                max_age_secs = self.limits.max_age.as_secs(),
+                "expired offline messages dropped"
+            );
         }
+        Ok(Expired { deleted, more })
     }
 
+    /// Lock-free (atomics): safe to call from an event loop.
     fn stats(&self) -> StoreStats {
         self.counters.snapshot()
     }
@@ -371,12 +478,17 @@ impl<'txn> Tables<'txn> {
     /// reported by `pending` is got rid of); its index rows cannot be found without it, so they
     /// are left: `expire` drops a `by_age` row whose message is gone, and `append` ignores a
     /// `dedup` row whose message is gone.
-    fn delete(&mut self, to: &str, seq: u64) -> Result<bool, StoreError> {
+    fn delete(&mut self, to: &str, seq: u64) -> Result<Option<Freed>, StoreError> {
         let Some(removed) = self.messages.remove((to, seq))? else {
-            return Ok(false);
+            return Ok(None);
+        };
+        let mut freed = Freed {
+            from: None,
+            bytes: size(to, removed.value().len()),
         };
         match record::decode(removed.value()) {
             Ok(record) => {
+                freed.from = Some(record.from.to_owned());
                 if let Some(fp) = record.fp {
                     let key = (to, record.from, fp);
                     // Only the row that names this message (a stale row may name another).
@@ -397,7 +509,7 @@ impl<'txn> Tables<'txn> {
         } else {
             self.counts.insert(to, count - 1)?;
         }
-        Ok(true)
+        Ok(Some(freed))
     }
 }
 
@@ -537,6 +649,18 @@ mod tests {
         RedbStore::open(dir.path(), Limits::default()).unwrap()
     }
 
+    /// Sweeps until nothing expired remains (chunks of 100); returns how many went.
+    fn expire_all(store: &RedbStore, now_ms: i64) -> u64 {
+        let mut total = 0;
+        loop {
+            let e = store.expire(now_ms, 100).unwrap();
+            total += e.deleted;
+            if !e.more {
+                return total;
+            }
+        }
+    }
+
     fn seqs(outcomes: &[Appended]) -> Vec<u64> {
         outcomes
             .iter()
@@ -660,7 +784,7 @@ mod tests {
         assert_eq!((stats.stored, stats.duplicates), (6, 3));
         // Once delivered and removed, the fingerprint is free again (the dedup window is the
         // time a message is stored).
-        store.remove("bob", &[1]).unwrap();
+        store.remove(&[Removal::new("bob", &[1])]).unwrap();
         assert_eq!(seqs(&store.append(&[m]).unwrap()), [7]);
     }
 
@@ -671,15 +795,15 @@ mod tests {
         let batch: Vec<Offline> = (0..10).map(|n| msg("u", "s", n, 0)).collect();
         store.append(&batch).unwrap();
         store.append(&[msg("v", "s", 100, 0)]).unwrap();
-        store.remove("u", &[1, 3, 5, 999]).unwrap();
-        store.remove("v", &[2]).unwrap(); // u's seq under another user: ignored
-        store.remove("nobody", &[4]).unwrap();
-        store.remove("u", &[]).unwrap();
+        store.remove(&[Removal::new("u", &[1, 3, 5, 999])]).unwrap();
+        store.remove(&[Removal::new("v", &[2])]).unwrap(); // u's seq under another user: ignored
+        store.remove(&[Removal::new("nobody", &[4])]).unwrap();
+        store.remove(&[Removal::new("u", &[])]).unwrap();
         let left: Vec<u64> = queue(&store, "u").iter().map(|q| q.0).collect();
         assert_eq!(left, [2, 4, 6, 7, 8, 9, 10]);
         assert_eq!(queue(&store, "v"), [(11, 100)]);
         assert_eq!(store.stats().removed, 3);
-        store.remove("u", &left).unwrap();
+        store.remove(&[Removal::new("u", &left)]).unwrap();
         assert!(queue(&store, "u").is_empty());
         assert_eq!(store.stats().removed, 10);
     }
@@ -694,7 +818,7 @@ mod tests {
             // Delivered the first 30, the recipient ACKed 25 of them, then disconnected.
             let delivered = store.pending("u", 0, 30, 0).unwrap();
             let acked: Vec<u64> = delivered.iter().take(25).map(|s| s.seq).collect();
-            store.remove("u", &acked).unwrap();
+            store.remove(&[Removal::new("u", &acked)]).unwrap();
         }
         let store = open(&dir);
         let rest = queue(&store, "u");
@@ -737,7 +861,7 @@ mod tests {
         );
         assert_eq!(store.stats().over_limit, 2);
         // Delivery makes room.
-        store.remove("u", &[1]).unwrap();
+        store.remove(&[Removal::new("u", &[1])]).unwrap();
         assert_eq!(seqs(&store.append(&batch[3..4]).unwrap()), [5]);
         assert_eq!(store.append(&batch[4..5]).unwrap(), [Appended::OverLimit]);
         assert_eq!(store.stats().over_limit, 3);
@@ -748,11 +872,102 @@ mod tests {
     }
 
     #[test]
+    fn the_per_sender_quota_refuses_and_counts_but_not_the_server() {
+        let dir = TempDir::new("sender-quota");
+        let limits = Limits {
+            max_per_sender: 3,
+            ..Limits::default()
+        };
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        // A sender inventing recipients: each queue is far from its per-user limit.
+        let batch: Vec<Offline> = (0..5)
+            .map(|n| msg(&format!("u{n}"), "mallory", n, 0))
+            .collect();
+        let out = store.append(&batch).unwrap();
+        assert_eq!(seqs(&out[..3]), [1, 2, 3]);
+        assert_eq!(out[3..], [Appended::OverSenderQuota; 2]);
+        assert!(!Appended::OverSenderQuota.is_durable());
+        assert_eq!(store.stats().over_sender_quota, 2);
+        // A resend of a stored one is a duplicate (ACKed), others are unaffected, and the
+        // server ("0") is exempt.
+        let out = store
+            .append(&[batch[0].clone(), msg("u9", "alice", 9, 0)])
+            .unwrap();
+        assert_eq!(
+            out,
+            [Appended::Duplicate { seq: 1 }, Appended::Stored { seq: 4 }]
+        );
+        let s2c: Vec<Offline> = (0..5).map(|n| msg("u0", SERVER_SENDER, n, 0)).collect();
+        assert_eq!(seqs(&store.append(&s2c).unwrap()).len(), 5);
+        // Delivery (and expiry) gives the quota back; the count is rebuilt at open.
+        store.remove(&[Removal::new("u1", &[2])]).unwrap();
+        assert_eq!(seqs(&store.append(&batch[3..4]).unwrap()), [10]);
+        assert_eq!(
+            store.append(&batch[4..5]).unwrap(),
+            [Appended::OverSenderQuota]
+        );
+        drop(store);
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        assert_eq!(
+            store.append(&batch[4..5]).unwrap(),
+            [Appended::OverSenderQuota]
+        );
+        store.remove(&[Removal::new("u0", &[1])]).unwrap();
+        assert_eq!(seqs(&store.append(&batch[4..5]).unwrap()), [11]);
+    }
+
+    #[test]
+    fn the_byte_cap_refuses_and_counts() {
+        let dir = TempDir::new("capacity");
+        let one = {
+            let m = msg("u", "s", 0, 0);
+            let mut record = Vec::new();
+            record::encode(&m, &mut record).unwrap();
+            size("u", record.len())
+        };
+        let limits = Limits {
+            max_bytes: one * 3 + one / 2,
+            ..Limits::default()
+        };
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        let batch: Vec<Offline> = (0..5).map(|n| msg("u", "s", n, 0)).collect();
+        let out = store.append(&batch).unwrap();
+        assert_eq!(seqs(&out[..3]), [1, 2, 3]);
+        assert_eq!(out[3..], [Appended::OverCapacity; 2]);
+        assert!(!Appended::OverCapacity.is_durable());
+        let stats = store.stats();
+        assert_eq!(
+            (stats.over_capacity, stats.held, stats.held_bytes),
+            (2, 3, 3 * one)
+        );
+        // The server is not exempt from the cap: it bounds the disk. A message whose sender was
+        // already ACKed (lost real-time delivery) is: refusing it would lose it.
+        let s2c = msg("v", SERVER_SENDER, 0, 0);
+        assert_eq!(store.append(&[s2c]).unwrap(), [Appended::OverCapacity]);
+        let mut lost = msg("v", "s", 0, 0);
+        lost.sender_acked = true;
+        assert_eq!(seqs(&store.append(&[lost]).unwrap()), [4]);
+        store.remove(&[Removal::new("v", &[4])]).unwrap();
+        // Removal makes room; the bytes are rebuilt at open.
+        store.remove(&[Removal::new("u", &[1])]).unwrap();
+        assert_eq!(store.stats().held_bytes, 2 * one);
+        drop(store);
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        assert_eq!(store.stats().held_bytes, 2 * one);
+        assert_eq!(seqs(&store.append(&batch[3..4]).unwrap()), [5]);
+        assert_eq!(
+            store.append(&batch[4..5]).unwrap(),
+            [Appended::OverCapacity]
+        );
+    }
+
+    #[test]
     fn expired_messages_are_dropped_and_counted() {
         let dir = TempDir::new("expiry");
         let limits = Limits {
             max_per_user: 100,
             max_age: Duration::from_secs(24 * 60 * 60),
+            ..Limits::default()
         };
         let store = RedbStore::open(dir.path(), limits).unwrap();
         let now = 100 * DAY_MS;
@@ -766,26 +981,34 @@ mod tests {
             msg("w", "s", 6, now),
         ];
         store.append(&batch).unwrap();
-        // pending drops what expired instead of returning it.
+        // pending skips what expired instead of returning it, read-only: no commit.
+        let commits = store.stats().commits;
         let pending = store.pending("u", 0, usize::MAX, now).unwrap();
         assert_eq!(
             pending.iter().map(|s| n_of(&s.json)).collect::<Vec<_>>(),
             [2, 3]
         );
-        assert_eq!(store.stats().expired, 2);
-        // expire() sweeps every user.
-        assert_eq!(store.expire(now).unwrap(), 2);
+        assert_eq!((store.stats().expired, store.stats().commits), (0, commits));
+        // expire() sweeps every user, at most `max` per call.
+        assert_eq!(
+            store.expire(now, 3).unwrap(),
+            Expired {
+                deleted: 3,
+                more: true
+            }
+        );
+        assert_eq!(expire_all(&store, now), 1);
         assert_eq!(store.stats().expired, 4);
         assert!(queue(&store, "v").is_empty());
         assert_eq!(
             queue(&store, "w").iter().map(|q| q.1).collect::<Vec<_>>(),
             [6]
         );
-        assert_eq!(store.expire(now).unwrap(), 0);
+        assert_eq!(expire_all(&store, now), 0);
         // Expired messages left the dedup index and the count.
         assert_eq!(seqs(&store.append(&batch[0..1]).unwrap()), [8]);
         // Two days later all four left (2, 3, 6 and the new copy of 0) are older than a day.
-        assert_eq!(store.expire(now + 2 * DAY_MS).unwrap(), 4);
+        assert_eq!(expire_all(&store, now + 2 * DAY_MS), 4);
         for to in ["u", "v", "w"] {
             assert!(queue(&store, to).is_empty());
         }
@@ -797,15 +1020,18 @@ mod tests {
         let limits = Limits {
             max_per_user: usize::MAX,
             max_age: Duration::from_millis(10),
+            max_per_sender: usize::MAX,
+            ..Limits::default()
         };
         let store = RedbStore::open(dir.path(), limits).unwrap();
-        let total = EXPIRE_CHUNK as u64 * 2 + 7;
+        let total = 100 * 2 + 7;
         let batch: Vec<Offline> = (0..total)
             .map(|n| msg(&format!("u{}", n % 5), "s", n, 0))
             .collect();
         store.append(&batch).unwrap();
-        assert_eq!(store.expire(1_000).unwrap(), total);
+        assert_eq!(expire_all(&store, 1_000), total);
         assert_eq!(store.stats().expired, total);
+        // One for the append, one per chunk of 100.
         assert_eq!(store.stats().commits, 1 + 3);
     }
 
@@ -817,7 +1043,7 @@ mod tests {
             store
                 .append(&[msg("u", "s", 0, 0), msg("u", "s", 1, 0)])
                 .unwrap();
-            store.remove("u", &[1, 2]).unwrap(); // the queue is empty again
+            store.remove(&[Removal::new("u", &[1, 2])]).unwrap(); // the queue is empty again
             store.append(&[msg("v", "s", 2, 0)]).unwrap();
         }
         let store = open(&dir);
@@ -836,8 +1062,8 @@ mod tests {
         let dir = TempDir::new("empty");
         let store = open(&dir);
         assert!(store.append(&[]).unwrap().is_empty());
-        store.remove("u", &[1]).unwrap();
-        assert_eq!(store.expire(i64::MAX).unwrap(), 0);
+        store.remove(&[Removal::new("u", &[1])]).unwrap();
+        assert_eq!(expire_all(&store, i64::MAX), 0);
         assert_eq!(store.stats().commits, 0);
     }
 
@@ -856,7 +1082,7 @@ mod tests {
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("seq 99"), "{err}");
         // The way out: remove it by the seq the error names; the good message is still there.
-        store.remove("u", &[99]).unwrap();
+        store.remove(&[Removal::new("u", &[99])]).unwrap();
         assert_eq!(queue(&store, "u"), [(1, 0)]);
         assert_eq!(store.stats().removed, 1);
     }
