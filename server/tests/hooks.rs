@@ -148,3 +148,55 @@ fn a_full_hook_queue_refuses_logins_with_1026_and_counts_them() {
     assert_eq!(login_code(&slow.recv()), 0);
     assert_eq!(login_code(&queued.recv()), 0);
 }
+
+/// `on_login` asks for a welcome message, `on_logout` records who left: both run on the pool.
+struct Welcome {
+    logouts: Mutex<Vec<String>>,
+}
+
+impl ServerEvents for Welcome {
+    fn interests(&self) -> Interests {
+        Interests::LOGIN | Interests::LOGOUT
+    }
+
+    fn on_login(
+        &self,
+        _extra: Option<&str>,
+        session: SessionInfo<'_>,
+        api: &mut imedge_server::hooks::Api,
+    ) {
+        api.send(session.uid, format!("welcome {}", session.uid), 5, false);
+    }
+
+    fn on_logout(&self, session: SessionInfo<'_>, _kickout_code: Option<i32>) {
+        self.logouts.lock().unwrap().push(session.uid.to_owned());
+    }
+}
+
+#[test]
+fn notifications_run_on_the_pool_and_their_requests_reach_the_user() {
+    let hooks = Arc::new(Welcome {
+        logouts: Mutex::new(Vec::new()),
+    });
+    let server = Server::with(config(2), Arc::clone(&hooks) as Arc<dyn ServerEvents>);
+    for (i, t) in [T::Tcp, T::Udp, T::Ws].into_iter().enumerate() {
+        let uid = format!("user{i}");
+        let mut c = server.connect(t);
+        c.login(&uid);
+        let welcome = c.expect(Kind::CommonData);
+        assert_eq!(welcome.text(), Some(&*format!("welcome {uid}")));
+        assert_eq!(welcome.typeu, 5);
+        c.send(&Message::logout(UserId::from(uid.clone())));
+        let deadline = std::time::Instant::now() + GATE_LIMIT;
+        while !hooks.logouts.lock().unwrap().contains(&uid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no on_logout for {uid}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let stats = server.api().stats().0;
+    assert_eq!(stats.hook_calls, 6);
+    assert_eq!(stats.hook_dropped, 0);
+}
