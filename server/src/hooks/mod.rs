@@ -10,11 +10,11 @@
 //! (an HTTP call, a database lookup). The shard posts the login and goes on serving its other
 //! sessions; the verify's answer comes back to it as mail. A verify that cannot run (queue full,
 //! panic, no answer within the verify timeout) refuses the login with [`VERIFY_UNAVAILABLE`]; a
-//! notification the full queue cannot take is dropped and counted.
+//! notification the full queue cannot take is dropped and counted. [`ServerEvents::on_c2s_before`]
+//! and [`ServerEvents::on_c2s`] run there too, and the C2S message is ACKed once they accepted it.
 //!
-//! [`ServerEvents::on_c2s_before`], [`ServerEvents::on_c2s`], [`ServerEvents::on_c2c_before`]
-//! and `on_offline` without the built-in store decide whether a message is ACKed: they still run
-//! on the core that owns the session, inside its event loop, and must not block (no disk or
+//! [`ServerEvents::on_c2c_before`] and `on_offline` without the built-in store decide whether a
+//! C2C message is ACKed: they still run on the core that owns the session, inside its event loop, and must not block (no disk or
 //! network I/O, no locks held for long); hand slow work to another thread through a channel. A
 //! shard built without a pool (an embedder's, the tests') runs every hook inline. What a hook
 //! wants the server to do (send a message to a user, kick a session) goes through the [`Api`] it
@@ -95,10 +95,12 @@ impl Interests {
     /// Every callback (the default: a hook that does not say is called for everything).
     pub const ALL: Self = Self((1 << 8) - 1);
 
-    /// What runs on the hook pool ([`pool::HookPool`]) when the server has one: verify and
-    /// the notifications. `C2S` and `C2C_BEFORE` decide a message's ACK and still run inline.
+    /// What runs on the hook pool ([`pool::HookPool`]) when the server has one: verify, the
+    /// C2S hooks (the ACK waits for their answer) and the notifications. `C2C_BEFORE` still
+    /// runs inline.
     pub const POOLED: Self = Self(
         Self::VERIFY.0
+            | Self::C2S.0
             | Self::LOGIN.0
             | Self::LOGOUT.0
             | Self::C2C_AFTER.0

@@ -28,7 +28,7 @@ use imedge_protocol::message::payload::LoginRequest;
 use imedge_protocol::session::Transport;
 
 use bytes::Bytes;
-use imedge_protocol::{Fingerprint, UserId};
+use imedge_protocol::{Fingerprint, Message, UserId};
 
 use super::{Api, Command, ServerEvents, SessionInfo, Undelivered, VERIFY_UNAVAILABLE};
 use crate::shard::{shard_for, CoreId, Post, Presence, ShardMsg};
@@ -184,8 +184,27 @@ impl Notice {
     }
 }
 
+/// A C2S message for [`ServerEvents::on_c2s_before`] and, if it accepts, [`ServerEvents::on_c2s`];
+/// the shard ACKs it (QoS) only once the answer says it was accepted.
+#[derive(Debug)]
+pub struct C2sJob {
+    /// The core whose shard posted it.
+    pub core: CoreId,
+    /// The shard's ticket for the message.
+    pub ticket: u64,
+    /// The message, `from` set to the sender.
+    pub msg: Message<'static>,
+    /// The sender.
+    pub uid: UserId<'static>,
+    /// The sender's transport.
+    pub transport: Transport,
+    /// The sender's address.
+    pub peer: SocketAddr,
+}
+
 enum Job {
     Verify(VerifyJob),
+    C2s(C2sJob),
     Notice(Notice),
     /// Ends the worker once the jobs before it ran.
     Stop,
@@ -196,7 +215,7 @@ enum Job {
 pub struct HookCounters {
     /// Hook calls run by the workers.
     pub calls: u64,
-    /// Verifies refused because their worker's queue was full.
+    /// Verifies and C2S messages refused because their worker's queue was full.
     pub refused: u64,
     /// Notifications dropped because their worker's queue was full.
     pub dropped: u64,
@@ -283,6 +302,19 @@ impl HookPool {
         })
     }
 
+    /// Posts a C2S message without waiting. A full queue refuses it (counted): the shard does
+    /// not ACK it, and the sender's SDK resends it or reports it lost.
+    ///
+    /// # Errors
+    /// [`QueueFull`] when the sender's worker's queue is full.
+    pub fn c2s(&self, job: C2sJob) -> Result<(), QueueFull> {
+        let queue = self.queue_for(job.uid.as_str()).ok_or(QueueFull)?;
+        queue.try_send(Job::C2s(job)).map_err(|_| {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            QueueFull
+        })
+    }
+
     /// Posts a notification without waiting; a full queue drops it (counted in
     /// [`HookCounters::dropped`]): a notification never holds up a loop.
     pub fn notify(&self, notice: Notice) {
@@ -354,6 +386,7 @@ impl Worker {
             match job {
                 Job::Verify(job) => self.verify(&job),
                 Job::Notice(notice) => self.notice(&notice),
+                Job::C2s(job) => self.c2s(&job),
                 Job::Stop => break,
             }
         }
@@ -381,6 +414,38 @@ impl Worker {
         let answer = ShardMsg::Verified {
             ticket: job.ticket,
             code,
+        };
+        (self.post)(job.core, answer);
+    }
+
+    fn c2s(&mut self, job: &C2sJob) {
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let info = SessionInfo {
+            uid: job.uid.as_str(),
+            transport: job.transport,
+            peer: job.peer,
+        };
+        let (hooks, api) = (&*self.hooks, &mut self.api);
+        let accepted = catch_unwind(AssertUnwindSafe(|| {
+            if !hooks.on_c2s_before(&job.msg, info) {
+                return false;
+            }
+            hooks.on_c2s(&job.msg, info, api);
+            true
+        }))
+        .unwrap_or_else(|_| {
+            self.counters.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                uid = job.uid.as_str(),
+                "C2S hook panicked: message not ACKed"
+            );
+            false
+        });
+        let commands = self.api.commands.drain(..).collect();
+        let answer = ShardMsg::C2sDone {
+            ticket: job.ticket,
+            accepted,
+            commands,
         };
         (self.post)(job.core, answer);
     }

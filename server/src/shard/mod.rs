@@ -13,6 +13,7 @@
 //! which cannot be changed; that core forwards them to the address's shard ([`ShardMsg::Datagram`])
 //! once the address has logged in, and the shard answers through its own socket on the same port.
 
+mod c2s;
 mod login;
 mod offline;
 mod presence;
@@ -258,6 +259,15 @@ pub enum ShardMsg {
         /// The hook's code: 0 accepts the login.
         code: i32,
     },
+    /// The hook pool's answer to a C2S message the receiving shard posted.
+    C2sDone {
+        /// The shard's ticket for the message.
+        ticket: u64,
+        /// `on_c2s_before` accepted it (and `on_c2s` ran): ACK it.
+        accepted: bool,
+        /// What `on_c2s` asked for, run after the ACK.
+        commands: Vec<Command>,
+    },
     /// A page of `uid`'s stored messages (after seq `after`) read by the store's reader for
     /// the drain of that `generation`.
     Page {
@@ -278,6 +288,8 @@ enum Timer {
     Qos,
     /// A login's verify has not answered in time.
     Verify(u64),
+    /// A C2S message's hooks have not answered in time.
+    C2s(u64),
     /// Offline drains whose page request found the store's reader busy ask again.
     DrainRetry,
 }
@@ -398,6 +410,12 @@ pub struct Stats {
     /// Frames dropped because they arrived on a session whose login was being verified (a
     /// data message gets no ACK: its SDK resends it).
     pub verify_frames_dropped: u64,
+    /// C2S messages not ACKed because `max_pending_verifies` messages were already waiting for
+    /// their hooks on this core, or their hooks did not answer within `verify_timeout`.
+    pub c2s_hook_refused: u64,
+    /// Resends of a C2S message whose hooks were still running, dropped (the SDK resends again,
+    /// and gets its ACK once the first copy was accepted).
+    pub c2s_resend_pending: u64,
     /// Hook calls run by the hook pool; server-wide, filled in by the control API.
     pub hook_calls: u64,
     /// Verifies refused (`VERIFY_UNAVAILABLE`) because the hook pool's queue was full;
@@ -435,6 +453,8 @@ impl Stats {
         self.verify_timeouts += other.verify_timeouts;
         self.verify_stale += other.verify_stale;
         self.verify_frames_dropped += other.verify_frames_dropped;
+        self.c2s_hook_refused += other.c2s_hook_refused;
+        self.c2s_resend_pending += other.c2s_resend_pending;
         self.conn.merge(&other.conn);
     }
 }
@@ -464,8 +484,10 @@ pub struct Shard {
     /// The ticket of the verify pending on each endpoint: frames arriving there meanwhile are
     /// dropped.
     verifying_endpoints: HashMap<Endpoint, u64>,
-    /// Source of verify tickets.
+    /// Source of verify and C2S tickets.
     next_ticket: u64,
+    /// C2S messages waiting for their hooks on the pool.
+    c2s_pending: c2s::PendingC2s,
     decoder: Decoder,
     timers: TimerWheel<Timer>,
     sessions: HashMap<Endpoint, Session>,
@@ -546,6 +568,7 @@ impl Shard {
             verifying: HashMap::new(),
             verifying_endpoints: HashMap::new(),
             next_ticket: 0,
+            c2s_pending: c2s::PendingC2s::default(),
             decoder: Decoder::new(),
             timers: TimerWheel::new(now),
             sessions: HashMap::new(),
@@ -774,6 +797,11 @@ impl Shard {
             ShardMsg::Command(command) => self.run_command(now, command, out),
             ShardMsg::Redrain(uid) => self.redrain(now, &uid, out),
             ShardMsg::Verified { ticket, code } => self.on_verified(now, ticket, code, out),
+            ShardMsg::C2sDone {
+                ticket,
+                accepted,
+                commands,
+            } => self.on_c2s_done(now, ticket, accepted, commands, out),
             ShardMsg::Page {
                 uid,
                 generation,
@@ -837,6 +865,7 @@ impl Shard {
                     qos_due = true;
                 }
                 Timer::Verify(ticket) => self.on_verify_timeout(now, ticket, out),
+                Timer::C2s(ticket) => self.on_c2s_timeout(ticket),
                 Timer::DrainRetry => self.retry_reads(now, out),
             }
         }

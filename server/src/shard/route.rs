@@ -91,6 +91,14 @@ impl Shard {
         let fp = msg.fp.clone().filter(|_| msg.qos);
         if msg.is_c2s() {
             // SPEC §7.1.
+            if let (true, Some(pool)) = (
+                self.interests.contains(Interests::C2S),
+                self.hook_pool.clone(),
+            ) {
+                let owned = msg.into_owned();
+                self.post_c2s(now, endpoint, (uid, transport, peer), owned, &pool, out);
+                return;
+            }
             if self.interests.contains(Interests::C2S) && !self.hooks.on_c2s_before(&msg, info) {
                 return;
             }

@@ -11,13 +11,24 @@ use crate::hooks::VERIFY_UNAVAILABLE;
 const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A verifier that answers each verify with the next code the test gives it (waiting for it).
+/// Its C2S hooks take the next code too: 0 accepts the message (`on_c2s` then counts it).
 struct Gated {
     codes: Mutex<mpsc::Receiver<i32>>,
+    c2s: AtomicUsize,
 }
 
 impl ServerEvents for Gated {
     fn interests(&self) -> Interests {
-        Interests::VERIFY
+        Interests::VERIFY | Interests::C2S
+    }
+
+    fn on_c2s_before(&self, _msg: &Message<'_>, _session: SessionInfo<'_>) -> bool {
+        self.codes.lock().unwrap().recv_timeout(PATIENCE) == Ok(0)
+    }
+
+    fn on_c2s(&self, _msg: &Message<'_>, session: SessionInfo<'_>, api: &mut Api) {
+        self.c2s.fetch_add(1, Ordering::SeqCst);
+        api.send(session.uid, "seen", 1, false);
     }
 
     fn verify(&self, _login: &LoginRequest<'_>, _session: SessionInfo<'_>) -> i32 {
@@ -35,14 +46,17 @@ struct Pooled {
     codes: mpsc::Sender<i32>,
     answers: mpsc::Receiver<(CoreId, ShardMsg)>,
     pool: Arc<HookPool>,
+    hooks: Arc<Gated>,
 }
 
 impl Pooled {
     fn new(cores: usize, tune: impl Fn(&mut ShardConfig)) -> Self {
         let (codes, gate) = mpsc::channel();
-        let hooks: Arc<dyn ServerEvents> = Arc::new(Gated {
+        let gated = Arc::new(Gated {
             codes: Mutex::new(gate),
+            c2s: AtomicUsize::new(0),
         });
+        let hooks: Arc<dyn ServerEvents> = Arc::clone(&gated) as Arc<dyn ServerEvents>;
         let (tx, answers) = mpsc::channel();
         let tx = Mutex::new(tx);
         let post: Post = Arc::new(move |core, msg| {
@@ -69,6 +83,7 @@ impl Pooled {
             codes,
             answers,
             pool,
+            hooks: gated,
         }
     }
 
@@ -76,7 +91,10 @@ impl Pooled {
     fn answer(&mut self, code: i32) {
         self.codes.send(code).unwrap();
         let (core, msg) = self.answers.recv_timeout(PATIENCE).unwrap();
-        assert!(matches!(msg, ShardMsg::Verified { .. }));
+        assert!(matches!(
+            msg,
+            ShardMsg::Verified { .. } | ShardMsg::C2sDone { .. }
+        ));
         self.w
             .on(core, |shard, now, out| shard.on_mail(now, msg, out));
     }
@@ -245,4 +263,57 @@ fn hooks_that_do_not_verify_are_not_posted() {
     w.login(c, "alice", 0);
     assert!(w.shards[0].is_online("alice"));
     assert_eq!(pool.stats().calls, 0);
+}
+
+/// Messages to `endpoint` since the last call, by kind.
+fn kinds(w: &mut World, endpoint: Endpoint) -> Vec<Kind> {
+    w.take(endpoint).into_iter().map(|m| m.kind).collect()
+}
+
+#[test]
+fn a_c2s_message_is_acked_only_once_its_hooks_accepted_it() {
+    let mut p = Pooled::new(1, |_| {});
+    let c = p.w.open(0, 1, Transport::Tcp);
+    p.w.login(c, "alice", 0);
+    p.answer(0);
+    p.w.take(conn(c));
+
+    let msg = data("alice", "0", "hello", Some("fp1"));
+    p.w.frame(c, &msg);
+    assert!(
+        p.w.take(conn(c)).is_empty(),
+        "no ACK before the hooks answer"
+    );
+    // The SDK's resend while the hooks run: dropped, not a second hook call.
+    p.w.frame(c, &msg);
+    assert_eq!(p.w.shards[0].stats().c2s_resend_pending, 1);
+    p.answer(0);
+    // The ACK, then what on_c2s asked for.
+    assert_eq!(kinds(&mut p.w, conn(c)), vec![Kind::Ack, Kind::CommonData]);
+    // A later resend is ACKed again without a hook call (SPEC §8.5).
+    p.w.frame(c, &msg);
+    assert_eq!(kinds(&mut p.w, conn(c)), vec![Kind::Ack]);
+    assert_eq!(p.hooks.c2s.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_c2s_message_its_hooks_refuse_or_do_not_answer_gets_no_ack() {
+    let mut p = Pooled::new(1, |c| c.verify_timeout = Duration::from_secs(3));
+    let c = p.w.open(0, 1, Transport::Tcp);
+    p.w.login(c, "alice", 0);
+    p.answer(0);
+    p.w.take(conn(c));
+
+    p.w.frame(c, &data("alice", "0", "no", Some("fp1")));
+    p.answer(1);
+    assert!(p.w.take(conn(c)).is_empty());
+
+    // No answer in time: no ACK, counted; the late answer changes nothing.
+    p.w.frame(c, &data("alice", "0", "slow", Some("fp2")));
+    p.w.advance(Duration::from_secs(4));
+    assert_eq!(p.w.shards[0].stats().c2s_hook_refused, 1);
+    p.answer(0);
+    assert!(p.w.take(conn(c)).is_empty());
+    // The late hooks did run (the application saw it once, without an ACK to the sender).
+    assert_eq!(p.hooks.c2s.load(Ordering::SeqCst), 1);
 }
