@@ -434,7 +434,7 @@ pub struct Shard {
     /// Where relayed messages (C2C, S2C) are encoded, once each: every encoded message is split
     /// off it and frozen, so its allocation is reused once the earlier messages are dropped.
     encoded: BytesMut,
-    /// Users whose stored messages are being delivered, a page at a time.
+    /// Users whose stored messages are being delivered: a window in flight, pages read ahead.
     drains: offline::Drains,
     /// Stored messages delivered and acknowledged whose removal the store may not have
     /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
