@@ -1348,3 +1348,37 @@ fn the_drain_keeps_a_window_in_flight_that_slides_with_each_ack() {
         w.on(0, |shard, now, out| shard.on_closed(now, c, out));
     }
 }
+
+#[test]
+fn a_page_read_for_an_earlier_login_is_not_sent_again() {
+    let store = TestStore::new("generation");
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..3 {
+        w.frame(
+            a,
+            &data("alice", "carol", &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    store.settle(&mut w, 3);
+    store.wait_stored("carol", 3);
+    // Carol logs in twice before either page arrives (a quick re-login): the page read for the
+    // first login is dropped, the second one's is sent, once.
+    let c1 = w.open(0, 2, Transport::Tcp);
+    w.login(c1, "carol", 0);
+    let c2 = w.open(0, 3, Transport::Tcp);
+    w.login(c2, "carol", T0_EPOCH_MS + 1);
+    let got = store.collect(&mut w, conn(c2), 4);
+    std::thread::sleep(Duration::from_millis(50));
+    store.deliver(&mut w);
+    let more = w.take(conn(c2));
+    let texts: Vec<_> = got[1..]
+        .iter()
+        .chain(&more)
+        .filter(|m| m.kind == Kind::CommonData)
+        .map(|m| m.text().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+    assert!(w.take(conn(c1)).iter().all(|m| m.kind != Kind::CommonData));
+}
