@@ -62,7 +62,8 @@ impl Client {
         let (notices, notice_rx) = mpsc::channel(options.event_capacity.max(1));
         let user_id = config.user_id.clone();
         let session = ClientSession::new(config, tokio::time::Instant::now().into_std());
-        let driver = Driver::new(target, session, link, command_rx, notices);
+        let mut driver = Driver::new(target, session, link, command_rx, notices);
+        driver.set_overflow_capacity(options.overflow_capacity);
         tokio::spawn(driver.run());
         Ok((Client { commands, user_id }, Events::new(notice_rx)))
     }

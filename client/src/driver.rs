@@ -80,7 +80,9 @@ pub(crate) struct Driver {
     overflow: VecDeque<Notice>,
     /// Received data messages dropped unread because the event queue was full.
     deferred_messages: u64,
-    /// Notices dropped because `overflow` held [`MAX_OVERFLOW_NOTICES`].
+    /// Most notices `overflow` holds (`ClientOptions::overflow_capacity`).
+    overflow_capacity: usize,
+    /// Notices dropped because `overflow` was full.
     dropped_notices: u64,
     /// A write that takes longer than the keep-alive timeout means the link is dead: the session
     /// would declare it lost for want of keep-alive responses anyway.
@@ -111,6 +113,7 @@ impl Driver {
             notices,
             overflow: VecDeque::new(),
             deferred_messages: 0,
+            overflow_capacity: MAX_OVERFLOW_NOTICES,
             dropped_notices: 0,
             write_timeout,
             batch: Vec::new(),
@@ -118,6 +121,11 @@ impl Driver {
         };
         driver.link_up(link);
         driver
+    }
+
+    /// See `ClientOptions::overflow_capacity`.
+    pub(crate) fn set_overflow_capacity(&mut self, capacity: usize) {
+        self.overflow_capacity = capacity;
     }
 
     /// Runs until the session closes, the application closes, or nothing can happen any more.
@@ -339,7 +347,7 @@ impl Driver {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(notice)) => self.overflow.push_back(notice),
             }
-        } else if self.overflow.len() < MAX_OVERFLOW_NOTICES {
+        } else if self.overflow.len() < self.overflow_capacity {
             self.overflow.push_back(notice);
         } else {
             self.dropped_notices += 1;

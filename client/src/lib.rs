@@ -34,7 +34,8 @@
 //!
 //! # Layout
 //!
-//! * [`ClientOptions`] — transport, server address, uid, token, sense mode.
+//! * [`ClientOptions`] — transport, server address, uid, token, sense mode, QoS resend schedule,
+//!   event queue capacity.
 //! * `link` — one module per transport, each moving whole message bodies: TCP with the 4-byte
 //!   length prefix of `frame::tcp`, UDP one datagram per message on a connected socket, WebSocket
 //!   text frames through tokio-tungstenite.

@@ -42,11 +42,11 @@ pub const DEFAULT_COMMAND_CAPACITY: usize = 128;
 /// [`MAX_OVERFLOW_NOTICES`].
 pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
-/// Notices other than received messages kept while the event queue is full. One `Delivered` or
-/// `Lost` per message the resend table can hold (`qos::sender::CLIENT_MAX_PENDING`, 4096) plus
-/// room for login and link notices; past it (only a server flooding echo responses or errors at
-/// an application that never reads) further notices are dropped and counted in
-/// [`crate::State::dropped_notices`].
+/// Default of [`ClientOptions::overflow_capacity`]: notices other than received messages kept
+/// while the event queue is full. One `Delivered` or `Lost` per message the resend table can
+/// hold (`qos::sender::CLIENT_MAX_PENDING`, 4096) plus room for login and link notices; past it
+/// (only a server flooding echo responses or errors at an application that never reads) further
+/// notices are dropped and counted in [`crate::State::dropped_notices`].
 pub const MAX_OVERFLOW_NOTICES: usize = 4096 + 256;
 
 /// The reference server's listening port for `transport` (SPEC §1).
@@ -100,6 +100,9 @@ pub struct ClientOptions {
     /// Capacity of the [`crate::Events`] queue, see [`DEFAULT_EVENT_CAPACITY`] for what happens
     /// when it is full. At least 1.
     pub event_capacity: usize,
+    /// Notices other than received messages held while the event queue is full; see
+    /// [`MAX_OVERFLOW_NOTICES`].
+    pub overflow_capacity: usize,
 }
 
 impl ClientOptions {
@@ -207,6 +210,7 @@ impl Default for ClientOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_capacity: DEFAULT_COMMAND_CAPACITY,
             event_capacity: DEFAULT_EVENT_CAPACITY,
+            overflow_capacity: MAX_OVERFLOW_NOTICES,
         }
     }
 }
@@ -226,6 +230,7 @@ impl fmt::Debug for ClientOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_capacity", &self.command_capacity)
             .field("event_capacity", &self.event_capacity)
+            .field("overflow_capacity", &self.overflow_capacity)
             .finish()
     }
 }

@@ -8,8 +8,8 @@ mod support;
 
 use std::time::Duration;
 
-use imedge_client::{Event, Transport};
-use imedge_protocol::{Fingerprint, Kind, Message, UserId};
+use imedge_client::{ClientOptions, Event, Notice, Transport};
+use imedge_protocol::{Content, Fingerprint, Kind, Message, UserId};
 use support::{bounded, load, Conn, Server, PROMPT};
 
 /// On the paused clock (see `liveness.rs`) a deadline only passes when nothing is left to do.
@@ -131,6 +131,58 @@ async fn notices_overflow_rather_than_block_the_client() {
         assert_eq!(next_ack(&mut peer, DEADLINE).await.as_deref(), Some("fp-1"));
         let got = events.wait_for(|_| true, PROMPT).await.unwrap();
         assert!(matches!(&got, Event::Message(m) if m.text() == Some("m1")));
+        client.logout().await;
+    })
+    .await;
+}
+
+/// The overflow is bounded too (`ClientOptions::overflow_capacity`): a server flooding notices
+/// other than messages (here unsolicited echo responses) at an application that reads nothing
+/// gets the excess dropped and counted, never buffered without bound.
+#[tokio::test(start_paused = true)]
+async fn a_full_overflow_drops_and_counts_notices() {
+    bounded(60, async {
+        let units = load("tcp-login-logout.jsonl", "alice");
+        let server = Server::bind(Transport::Tcp).await;
+        let options = ClientOptions {
+            overflow_capacity: 3,
+            ..server.options("alice", "tokenA").with_event_capacity(1)
+        };
+        // `Connected` fills the queue; the login result is the overflow's first notice.
+        let (client, mut events, mut peer) = support::connect(&server, options).await;
+        peer.recv().await;
+        peer.send_unit(&units[1]).await;
+        for n in 0..10 {
+            let echo = Message::new(Kind::EchoResponse)
+                .from(UserId::SERVER)
+                .to(UserId::from("alice".to_owned()))
+                .content(Content::Text(format!("echo {n}").into()));
+            peer.send(&echo).await;
+        }
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while client.state().await.unwrap().dropped_notices < 8 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "notices not dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(client.state().await.unwrap().dropped_notices, 8);
+
+        // What was kept arrives in order: the login, then the first two echoes.
+        assert!(matches!(events.recv().await, Some(Notice::Connected)));
+        let kept = [
+            events.next().await.unwrap(),
+            events.next().await.unwrap(),
+            events.next().await.unwrap(),
+        ];
+        assert!(matches!(kept[0], Event::LoginOk { .. }), "{kept:?}");
+        for (n, event) in kept[1..].iter().enumerate() {
+            assert!(
+                matches!(event, Event::EchoResponse(m) if m.text() == Some(&*format!("echo {n}"))),
+                "{event:?}"
+            );
+        }
         client.logout().await;
     })
     .await;

@@ -15,7 +15,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,10 @@ pub const MAX_QUEUED: usize = 1 << 16;
 
 /// Largest datagram carried (the UDP maximum).
 pub const MAX_DATAGRAM: usize = 65_536;
+
+/// Consecutive read errors tolerated on one socket in one turn (each ICMP error is reported
+/// once; a socket that keeps failing must not spin the loop).
+const MAX_READ_ERRORS: u32 = 64;
 
 /// How often idle flows are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -155,6 +159,18 @@ pub struct Proxy {
 struct Shared {
     stop: AtomicBool,
     stats: Mutex<Stats>,
+    /// New faults for the loop to take at its next turn.
+    update: Mutex<Update>,
+    /// Signalled when the loop has taken an update (or ended).
+    updated: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Update {
+    /// Faults (to server, to client) not yet taken.
+    pending: Option<(Faults, Faults)>,
+    /// Updates taken so far.
+    applied: u64,
 }
 
 impl Proxy {
@@ -198,6 +214,32 @@ impl Proxy {
     /// The address clients must send to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Changes the faults of both directions (a partition and its healing, say). Returns once
+    /// the proxy's loop has taken them: every datagram read after that meets the new faults;
+    /// datagrams already delayed keep their fate.
+    pub fn set_faults(&self, to_server: Faults, to_client: Faults) {
+        let mut update = self
+            .shared
+            .update
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        update.pending = Some((to_server, to_client));
+        let target = update.applied + 1;
+        let _ = self.waker.wake();
+        while update.applied < target && !self.shared.stop.load(AtomicOrdering::SeqCst) {
+            // Bounded waits: a loop that ended on a poll error never signals.
+            update = self
+                .shared
+                .updated
+                .wait_timeout(update, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                return;
+            }
+        }
     }
 
     /// The counts so far (updated after every turn of the loop).
@@ -308,6 +350,7 @@ impl Loop {
                 // Nothing sensible to do but stop; the owner sees the counts stop moving.
                 Err(_) => break,
             }
+            self.take_update();
             for event in &events {
                 match event.token() {
                     CLIENTS => self.read_clients(),
@@ -330,13 +373,34 @@ impl Loop {
         }
     }
 
+    /// Applies new faults from [`Proxy::set_faults`], if any.
+    fn take_update(&mut self) {
+        let mut update = self
+            .shared
+            .update
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((to_server, to_client)) = update.pending.take() {
+            self.config.to_server = to_server;
+            self.config.to_client = to_client;
+            update.applied += 1;
+            self.shared.updated.notify_all();
+        }
+    }
+
     fn read_clients(&mut self) {
+        let mut errors = 0;
         loop {
             let (len, client) = match self.clients.recv_from(&mut self.buf) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                // Interrupted, or an ICMP error reported on the socket: read on.
-                Err(_) => continue,
+                // Interrupted, or an ICMP error reported on the socket: read on (a socket that
+                // only fails is left for the next turn).
+                Err(_) if errors < MAX_READ_ERRORS => {
+                    errors += 1;
+                    continue;
+                }
+                Err(_) => return,
             };
             let Some(slot) = self.flow_for(client) else {
                 self.stats.refused_flows += 1;
@@ -348,6 +412,7 @@ impl Loop {
     }
 
     fn read_flow(&mut self, slot: usize) {
+        let mut errors = 0;
         loop {
             let Some(Some(flow)) = self.flows.get_mut(slot) else {
                 return;
@@ -356,7 +421,11 @@ impl Loop {
                 Ok(len) => len,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // ECONNREFUSED (the server is not there yet) is reported once: read on.
-                Err(_) => continue,
+                Err(_) if errors < MAX_READ_ERRORS => {
+                    errors += 1;
+                    continue;
+                }
+                Err(_) => return,
             };
             let bytes = self.buf.get(..len).unwrap_or_default().to_vec();
             self.route(Direction::ToClient, slot, bytes);

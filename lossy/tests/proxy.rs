@@ -299,3 +299,53 @@ fn idle_flows_are_closed() {
     assert_eq!(proxy.stop().flows, 2);
     echo.stop();
 }
+
+#[test]
+fn faults_change_while_running() {
+    let echo = Echo::start();
+    let proxy = Proxy::start(Config::new(echo.addr)).unwrap();
+    let socket = client();
+    send_numbered(&socket, proxy.addr(), 0..1);
+    assert_eq!(collect(&socket, &proxy, 1, Duration::ZERO), [0]);
+
+    // A partition: everything dropped.
+    proxy.set_faults(Faults::dropping(1.0), Faults::dropping(1.0));
+    send_numbered(&socket, proxy.addr(), 1..11);
+    let stats = wait_stats(&proxy, |s| s.to_server.received == 11);
+    assert_eq!((stats.to_server.sent, stats.to_server.dropped), (1, 10));
+
+    // Healed.
+    proxy.set_faults(Faults::default(), Faults::default());
+    send_numbered(&socket, proxy.addr(), 11..12);
+    assert_eq!(
+        collect(&socket, &proxy, 1, Duration::from_millis(200)),
+        [11]
+    );
+    drop(proxy);
+    echo.stop();
+}
+
+#[test]
+fn a_missing_server_does_not_stop_the_proxy() {
+    // A port nobody listens on: the kernel answers with ICMP port unreachable, which the flow
+    // socket reports as a read error.
+    let closed = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(Config::new(closed)).unwrap();
+    let socket = client();
+    for round in 0..3 {
+        send_numbered(&socket, proxy.addr(), round * 10..(round + 1) * 10);
+        wait_stats(&proxy, |s| {
+            s.to_server.received == u64::from(round + 1) * 10
+        });
+    }
+    let stats = proxy.stop();
+    assert_eq!(stats.to_client.received, 0);
+    assert_eq!(
+        stats.to_server.sent + stats.to_server.overflow,
+        30,
+        "{stats:?}"
+    );
+}

@@ -83,6 +83,22 @@ pub struct ServerConfig {
     /// A write to a connection that makes no progress this long closes the connection (also
     /// the accepted sockets' `TCP_USER_TIMEOUT`).
     pub write_stall_timeout: Duration,
+    /// A TCP or WebSocket connection not logged in this long after it was accepted is closed.
+    pub login_timeout: Duration,
+    /// Most connections not logged in, over all cores; more are refused at accept (0: no cap).
+    pub max_unauthenticated: usize,
+    /// Most connections not logged in from one source address (0: no cap).
+    pub max_conns_per_ip: u32,
+    /// Most new connections per second from one source address, with a burst of
+    /// `runtime::admit::RATE_BURST_SECONDS` of it (0: no limit).
+    pub max_conn_rate_per_ip: u32,
+    /// Most replies per second (burst: 2 s of it) to one UDP source address that is not logged
+    /// in — error 301, echo — so that spoofed datagrams cannot aim the server at a victim
+    /// (SPEC S4; 0: no limit).
+    pub udp_unauth_reply_rate: u32,
+    /// Apply the per-address limits to loopback peers too (off: this host's own clients —
+    /// benchmarks, a local proxy — are exempt).
+    pub limit_loopback: bool,
     /// Benchmark mode: echo every frame and datagram back to its sender, bypassing the protocol
     /// (see `runtime::Limits::echo`). Never for production.
     pub bench_echo: bool,
@@ -116,6 +132,12 @@ impl Default for ServerConfig {
             offline_max_age: crate::store::DEFAULT_MAX_AGE,
             max_send_buffer: DEFAULT_MAX_SEND_BUFFER,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            login_timeout: DEFAULT_LOGIN_TIMEOUT,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
+            max_conns_per_ip: DEFAULT_MAX_CONNS_PER_IP,
+            max_conn_rate_per_ip: DEFAULT_MAX_CONN_RATE_PER_IP,
+            udp_unauth_reply_rate: DEFAULT_UDP_UNAUTH_REPLY_RATE,
+            limit_loopback: false,
             bench_echo: false,
         }
     }
@@ -138,3 +160,28 @@ pub const DEFAULT_MAX_SEND_BUFFER: usize = 4 << 20;
 /// is half of its 20 s), so a peer that stops reading is dropped about when one that stops
 /// sending would be.
 pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default `--login-timeout`: a client logs in right after connecting (one round trip, and a
+/// verify); 10 s leaves a slow mobile link ample time while a socket that never logs in is not
+/// held for the 20 s idle timeout or longer.
+pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default `--max-unauthenticated`: connections waiting to log in, over all cores. A login takes
+/// a round trip, so even a reconnect storm of tens of thousands of clients keeps far fewer than
+/// this waiting at once; idle unauthenticated sockets beyond it are refused instead of eating
+/// the descriptor limit that logged-in users need.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 8192;
+
+/// Default `--max-conns-per-ip`: connections not logged in from one address. Room for a NAT
+/// gateway's clients reconnecting together, not for one host holding thousands of idle sockets.
+pub const DEFAULT_MAX_CONNS_PER_IP: u32 = 128;
+
+/// Default `--max-conn-rate-per-ip`: new connections per second from one address (burst twice
+/// that). A NAT gateway's clients reconnect over the SDK's back-off of seconds; one host
+/// opening connections in a loop is held to this.
+pub const DEFAULT_MAX_CONN_RATE_PER_IP: u32 = 50;
+
+/// Default `--udp-unauth-reply-rate`: a UDP client that is not logged in needs one 301 to know it
+/// must log in again (SPEC §9), and sends a keep-alive every few seconds; 2 per second (burst 4)
+/// is plenty for it and bounds what a spoofer can aim at one victim address.
+pub const DEFAULT_UDP_UNAUTH_REPLY_RATE: u32 = 2;

@@ -192,6 +192,26 @@ struct Args {
     /// sockets' TCP_USER_TIMEOUT) [default: 10].
     #[arg(long, env = "IMEDGE_WRITE_STALL_TIMEOUT")]
     write_stall_timeout: Option<u64>,
+    /// Seconds a TCP/WebSocket connection may stay without logging in [default: 10].
+    #[arg(long, env = "IMEDGE_LOGIN_TIMEOUT")]
+    login_timeout: Option<u64>,
+    /// Most connections not logged in, over all cores; 0 = no cap [default: 8192].
+    #[arg(long, env = "IMEDGE_MAX_UNAUTHENTICATED")]
+    max_unauthenticated: Option<usize>,
+    /// Most connections not logged in from one source address; 0 = no cap [default: 128].
+    #[arg(long, env = "IMEDGE_MAX_CONNS_PER_IP")]
+    max_conns_per_ip: Option<u32>,
+    /// Most new connections per second from one source address (burst: 2 s of it); 0 = no
+    /// limit [default: 50].
+    #[arg(long, env = "IMEDGE_MAX_CONN_RATE_PER_IP")]
+    max_conn_rate_per_ip: Option<u32>,
+    /// Replies per second to one UDP source address that is not logged in (error 301, echo);
+    /// 0 = no limit [default: 2].
+    #[arg(long, env = "IMEDGE_UDP_UNAUTH_REPLY_RATE")]
+    udp_unauth_reply_rate: Option<u32>,
+    /// Apply the per-address limits to loopback clients too [default: false].
+    #[arg(long, env = "IMEDGE_LIMIT_LOOPBACK")]
+    limit_loopback: Option<bool>,
     /// Benchmark mode: echo every TCP/WebSocket frame and UDP datagram back as it came, through
     /// the server's own event loops but without the protocol (the floor `scripts/bench.sh`
     /// compares against). Not a server: nobody can log in.
@@ -231,6 +251,12 @@ struct FileConfig {
     offline_max_age: Option<u64>,
     max_send_buffer: Option<usize>,
     write_stall_timeout: Option<u64>,
+    login_timeout: Option<u64>,
+    max_unauthenticated: Option<usize>,
+    max_conns_per_ip: Option<u32>,
+    max_conn_rate_per_ip: Option<u32>,
+    udp_unauth_reply_rate: Option<u32>,
+    limit_loopback: Option<bool>,
 }
 
 /// Turns transparent huge pages off for this process. mimalloc reserves its arena with
@@ -343,6 +369,23 @@ fn main() -> anyhow::Result<()> {
         args.write_stall_timeout.or(file.write_stall_timeout),
         config.write_stall_timeout,
     );
+    config.login_timeout = secs(
+        args.login_timeout.or(file.login_timeout),
+        config.login_timeout,
+    );
+    if let Some(n) = args.max_unauthenticated.or(file.max_unauthenticated) {
+        config.max_unauthenticated = n;
+    }
+    if let Some(n) = args.max_conns_per_ip.or(file.max_conns_per_ip) {
+        config.max_conns_per_ip = n;
+    }
+    if let Some(n) = args.max_conn_rate_per_ip.or(file.max_conn_rate_per_ip) {
+        config.max_conn_rate_per_ip = n;
+    }
+    if let Some(n) = args.udp_unauth_reply_rate.or(file.udp_unauth_reply_rate) {
+        config.udp_unauth_reply_rate = n;
+    }
+    config.limit_loopback = args.limit_loopback.or(file.limit_loopback).unwrap_or(false);
     config.bench_echo = args.bench_echo;
     if config.bench_echo {
         tracing::warn!("benchmark echo mode: frames are echoed, the protocol is off");

@@ -210,3 +210,163 @@ fn a_slow_consumers_unacknowledged_messages_reach_its_next_session() {
         while let Recv::Message(_) = alice.recv_within(Duration::from_millis(1)) {}
     }
 }
+
+/// An echo request answered proves the server took the connection in and handles it.
+fn assert_served(client: &mut Client) {
+    let mut msg = data("x", "0", "ping", None);
+    msg.kind = Kind::Echo;
+    client.send(&msg);
+    client.expect(Kind::EchoResponse);
+}
+
+/// TCP and WebSocket connections that have not logged in within `--login-timeout` are closed
+/// (counted); one that logged in stays.
+#[test]
+fn connections_that_do_not_log_in_in_time_are_closed() {
+    let server = Server::with(
+        config(|c| c.login_timeout = Duration::from_millis(300)),
+        Arc::new(AllowAll),
+    );
+    let mut early = server.connect(T::Tcp);
+    early.login("early");
+    let mut idle = [server.connect(T::Tcp), server.connect(T::Ws)];
+    for client in &mut idle {
+        assert_eq!(client.recv_within(support::WAIT), Recv::Closed);
+    }
+    wait_for(&server, "login timeouts counted", |s| {
+        s.conn.login_timeouts >= 2
+    });
+    early.send(&imedge_protocol::Message::keep_alive("early".into()));
+    early.expect(Kind::KeepAliveResponse);
+    assert!(server.api().is_online("early").unwrap());
+}
+
+/// `--max-unauthenticated` caps connections not logged in over the whole server: the next is
+/// refused and closed at once (counted), and a login frees a place.
+#[test]
+fn unauthenticated_connections_are_capped() {
+    let server = Server::with(
+        config(|c| {
+            c.threads = 2;
+            c.max_unauthenticated = 3;
+        }),
+        Arc::new(AllowAll),
+    );
+    let mut waiting: Vec<Client> = (0..3).map(|_| server.connect(T::Tcp)).collect();
+    for client in &mut waiting {
+        assert_served(client);
+    }
+    let mut refused = server.connect(T::Tcp);
+    assert_eq!(refused.recv_within(support::WAIT), Recv::Closed);
+    assert_eq!(server.api().stats().0.conn.refused_unauthenticated, 1);
+    // A login (which may move the connection to another core) frees its place.
+    waiting[0].login(&support::uid_on(1, 2, "u"));
+    let mut next = server.connect(T::Tcp);
+    next.login("next");
+    assert_eq!(server.api().stats().0.conn.refused_unauthenticated, 1);
+}
+
+/// `--max-conns-per-ip` caps the connections not logged in from one address, and
+/// `--max-conn-rate-per-ip` how fast it opens them (loopback counts here: `limit_loopback`).
+#[test]
+fn one_address_is_capped_in_waiting_connections_and_in_rate() {
+    let server = Server::with(
+        config(|c| {
+            c.max_conns_per_ip = 2;
+            c.limit_loopback = true;
+        }),
+        Arc::new(AllowAll),
+    );
+    let mut waiting: Vec<Client> = (0..2).map(|_| server.connect(T::Tcp)).collect();
+    for client in &mut waiting {
+        assert_served(client);
+    }
+    let mut refused = server.connect(T::Tcp);
+    assert_eq!(refused.recv_within(support::WAIT), Recv::Closed);
+    assert_eq!(server.api().stats().0.conn.refused_per_ip, 1);
+    waiting[0].login("a");
+    assert_served(&mut server.connect(T::Tcp));
+
+    let server = Server::with(
+        config(|c| {
+            c.max_conn_rate_per_ip = 5;
+            c.limit_loopback = true;
+        }),
+        Arc::new(AllowAll),
+    );
+    // Far more than the burst (10) and what 5/s refills while they connect.
+    let clients: Vec<Client> = (0..100).map(|_| server.connect(T::Tcp)).collect();
+    wait_for(&server, "rate refusals counted", |s| {
+        s.conn.refused_rate > 0
+    });
+    let closed = clients
+        .into_iter()
+        .map(|mut c| c.recv_within(Duration::from_millis(50)))
+        .filter(|r| *r == Recv::Closed)
+        .count() as u64;
+    let stats = server.api().stats().0;
+    assert!(
+        closed > 0 && stats.conn.refused_rate >= closed,
+        "{closed} {stats:?}"
+    );
+    assert_eq!(stats.conn.refused_per_ip + stats.conn.login_timeouts, 0);
+}
+
+/// SPEC S4: unauthenticated UDP traffic cannot make the server an amplifier. A datagram that is
+/// not a protocol message gets no reply; a 301 reflects nothing of the request and is sent only
+/// if at most `UDP_REPLY_MAX_RATIO` times the request (the Java UDP SDK's ~95-byte keep-alive
+/// still gets it); replies to one source are rate-limited (counted).
+#[test]
+fn unauthenticated_udp_is_not_amplified() {
+    use imedge_protocol::{Message, UserId};
+    let server = Server::with(
+        config(|c| {
+            c.udp_unauth_reply_rate = 2;
+            c.limit_loopback = true;
+        }),
+        Arc::new(AllowAll),
+    );
+    let mut c = server.connect(T::Udp);
+    // Not a protocol message: nothing.
+    c.send_body(b"hello");
+    c.send_body(br#"{"type":1"#);
+    c.expect_quiet();
+
+    // A keep-alive like the Java UDP SDK's: the 301 comes, no larger than 3x. One full of
+    // characters JSON escapes (the reference's reply was 9x larger): nothing of it comes back.
+    let ka = Message::keep_alive(UserId::from("u1234567"));
+    let request = ka.to_json();
+    assert!((80..=110).contains(&request.len()), "{}", request.len());
+    let escaped = Message::keep_alive(UserId::from("<".repeat(40))).to_json();
+    for sent in [&request, &escaped] {
+        c.send_body(sent);
+        let support::RecvBody::Body(reply) = c.recv_body_within(support::WAIT) else {
+            panic!("no 301");
+        };
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        assert!(reply.len() <= 3 * request.len(), "{} bytes", reply.len());
+        assert!(text.contains("301") && !text.contains("u1234567") && !text.contains("003c"));
+    }
+
+    // A tiny well-formed keep-alive: its 301 would be larger than 3x: none.
+    let tiny = br#"{"type":1,"from":"a"}"#;
+    c.send_body(tiny);
+    c.expect_quiet();
+    wait_for(&server, "too large counted", |s| {
+        s.conn.udp_replies_too_large > 0
+    });
+
+    // A flood from one source: a few replies, the rest counted.
+    for _ in 0..40 {
+        c.send_body(&request);
+    }
+    let mut replies = 0;
+    while let Recv::Message(_) = c.recv_within(support::QUIET) {
+        replies += 1;
+    }
+    assert!(replies < 40, "{replies}");
+    let stats = wait_for(&server, "limited counted", |s| {
+        s.conn.udp_replies_limited > 0
+    });
+    assert_eq!(replies + 2 + stats.conn.udp_replies_limited, 42);
+}

@@ -634,6 +634,38 @@ fn apply_overrides(file: &str, lines: &[Line], steps: &mut Vec<Step>) -> Result<
             }
         }
     }
+    if file.starts_with("udp-") {
+        unreflect_udp_301(steps)?;
+    }
+    Ok(())
+}
+
+/// S4 — unauthenticated error reflection. Over UDP (whose source address may be spoofed)
+/// imedge's error 301 carries no copy of the request: every expected 301 of a UDP capture loses
+/// its `errorMsg`. (The Java UDP SDK reads only the code, to log in again.)
+fn unreflect_udp_301(steps: &mut [Step]) -> Result<(), String> {
+    for step in steps {
+        let Action::Expect { json, .. } = &mut step.action else {
+            continue;
+        };
+        let msg = decode(json.as_bytes())?;
+        if msg.kind != Kind::Error {
+            continue;
+        }
+        let Some(doc) = msg.text() else {
+            continue;
+        };
+        if Decoder::new()
+            .error_response(doc)
+            .is_ok_and(|e| e.code == ERROR_NOT_LOGGED_IN)
+        {
+            let reply = Message::error(ErrorResponse {
+                code: ERROR_NOT_LOGGED_IN,
+                message: None,
+            });
+            *json = String::from_utf8(reply.to_json()).unwrap();
+        }
+    }
     Ok(())
 }
 

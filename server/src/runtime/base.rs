@@ -3,12 +3,13 @@
 //! timers and the UDP dispatch. The epoll and io_uring loops each drive one [`Base`]; they differ
 //! only in how bytes get in and out of the sockets.
 //!
-//! A backend calls, per turn: [`Base::process`] after it appended received bytes to a
-//! connection's `rx` (and performs the migration it may return), [`Base::datagram`] per UDP
-//! datagram, [`Base::drain_inbox`] until it returns `None` (registering each connection it hands
-//! over), [`Base::run_timers`], then writes the connections in [`Base::dirty`] and calls
-//! `outgoing.flush()`.
+//! The loop turn is written once, in [`run`], over the small [`Backend`] trait both backends
+//! implement (wait, handle the I/O found, resume accepting, adopt, flush, close all). Within
+//! their I/O they call [`Base::process`] after appending received bytes to a connection's `rx`
+//! (and perform the migration it may return), or [`Base::process_received`] on bytes parsed in
+//! place, and [`Base::datagram`] per UDP datagram.
 
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,6 +19,7 @@ use imedge_protocol::frame::udp;
 use imedge_protocol::Message;
 use slab::Slab;
 
+use super::admit::{Admission, Refusal, Ticket};
 use super::conn::{ConnState, ConnStats, Next};
 use super::mesh::{Mail, Mesh, Migrant, Outgoing};
 use super::Limits;
@@ -32,6 +34,13 @@ pub const MAIL_PER_TURN: usize = 4096;
 /// long enough not to spin on a listener that stays readable, short enough to resume promptly
 /// once connections close.
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// A reply to a UDP source that is not logged in is at most this many times the size of the
+/// request (SPEC S4): a spoofed datagram must not make the server send a victim more than it
+/// was sent. The reference's 301 to a keep-alive is ~3× (98 → 297 bytes, the request reflected);
+/// imedge's 301 reflects nothing (~110 bytes), so the Java UDP SDK's ~95-byte keep-alive still
+/// gets the 301 it needs to log in again, while a 10-byte datagram gets none.
+pub const UDP_REPLY_MAX_RATIO: usize = 3;
 
 /// `EMFILE`: this process has no free file descriptor.
 pub const EMFILE: i32 = 24;
@@ -54,6 +63,11 @@ pub struct Conn<S> {
     write_since: Option<Instant>,
     /// The write-stall check in the loop's wheel.
     write_timer: Option<TimerKey>,
+    /// Its place among the connections not logged in (`None` once logged in, or if it came
+    /// logged in from another core).
+    ticket: Option<Ticket>,
+    /// The login deadline in the loop's wheel.
+    login_timer: Option<TimerKey>,
 }
 
 /// Why the loop set a timer on a connection.
@@ -61,6 +75,8 @@ pub struct Conn<S> {
 enum ConnTimer {
     /// Check whether output has waited `--write-stall-timeout` without progress.
     Write,
+    /// `--login-timeout` after the accept: close the connection unless it logged in.
+    Login,
 }
 
 /// The backend-independent state of one core's loop.
@@ -88,6 +104,8 @@ pub struct Base<S> {
     timers: TimerWheel<(usize, u32, ConnTimer)>,
     /// The limits this core's connections hit.
     pub stats: ConnStats,
+    /// Admission of new connections, shared by the cores.
+    admission: Arc<Admission>,
     next_generation: u32,
     /// Accepting is paused until then: the process ran out of file descriptors.
     pub accept_paused_until: Option<Instant>,
@@ -106,6 +124,63 @@ impl<S> std::fmt::Debug for Base<S> {
             .field("conns", &self.conns.len())
             .finish_non_exhaustive()
     }
+}
+
+/// What an I/O backend (epoll, io_uring) does in a loop turn; the turn itself is written once,
+/// in [`run`].
+pub trait Backend {
+    /// The backend's handle on a connection's socket.
+    type Sock;
+    /// The backend-independent state.
+    fn base(&mut self) -> &mut Base<Self::Sock>;
+    /// Waits for I/O, at most `timeout` (`None`: until something happens). The backend may
+    /// shorten it (epoll: datagrams left in the socket).
+    ///
+    /// # Errors
+    /// The wait itself failed (not for a signal or a timeout): the loop ends.
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Handles what the wait found: accepted connections, received bytes and datagrams (handed
+    /// to the shard through the base), finished sends.
+    fn handle_io(&mut self, now: Now);
+    /// Accepting may go on after a pause ([`Base::pause_accept`]).
+    fn resume_accepting(&mut self, now: Now);
+    /// Registers a connection that migrated here (from [`Base::drain_inbox`]).
+    fn adopt(&mut self, now: Now, migrant: Migrant);
+    /// Writes (or issues sends for) the connections in [`Base::dirty`], and closes those whose
+    /// close is due.
+    fn flush(&mut self, now: Now);
+    /// Shutdown: says goodbye on every connection and closes them.
+    fn close_all(&mut self);
+}
+
+/// Runs a core's loop until a [`Mail::Shutdown`] has been handled. A turn: wait (until the
+/// next timer, or not at all if work was left over) → I/O → flush what the I/O finished → resume
+/// accepting after a pause → the inbox → due timers → flush → wake the cores mailed.
+///
+/// # Errors
+/// The backend's wait failed.
+pub fn run<B: Backend>(mut backend: B) -> io::Result<()> {
+    while !backend.base().shutting_down {
+        let timeout = backend.base().wait_timeout();
+        backend.wait(timeout)?;
+        let now = now();
+        backend.handle_io(now);
+        // Carry out what the I/O finished — a close that waited for its last send, the rest of
+        // a partial send — before any mail is answered: a peer that saw its goodbye must not be
+        // reported online by a question asked after it.
+        backend.flush(now);
+        if backend.base().accept_pause_over(now) {
+            backend.resume_accepting(now);
+        }
+        while let Some(migrant) = backend.base().drain_inbox(now) {
+            backend.adopt(now, *migrant);
+        }
+        backend.base().run_timers(now);
+        backend.flush(now);
+        backend.base().outgoing.flush();
+    }
+    backend.close_all();
+    Ok(())
 }
 
 /// The time for this turn.
@@ -139,6 +214,7 @@ struct Io<'a, S> {
     /// `--max-send-buffer`.
     max_send: usize,
     stats: &'a mut ConnStats,
+    admission: &'a Admission,
 }
 
 impl<S> Io<'_, S> {
@@ -200,6 +276,18 @@ impl<S> Outbox for Io<'_, S> {
         }
     }
 
+    fn send_unauthenticated(&mut self, to: SocketAddr, msg: &Message<'_>, request_len: usize) {
+        udp::encode(msg, self.udp_tx);
+        if self.udp_tx.len() > request_len.saturating_mul(UDP_REPLY_MAX_RATIO) {
+            self.stats.udp_replies_too_large += 1;
+        } else if !self.admission.udp_reply(to.ip(), Instant::now()) {
+            self.stats.udp_replies_limited += 1;
+        } else {
+            self.send_datagram(self.udp_tx, to);
+        }
+        self.udp_tx.clear();
+    }
+
     fn close(&mut self, id: ConnId) {
         if let Some((index, conn)) = self.conn(id) {
             conn.state.begin_close();
@@ -228,7 +316,7 @@ impl<S> Base<S> {
         shard: Shard,
         udp: Option<UdpSocket>,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> Self {
         Self {
             core,
@@ -242,6 +330,7 @@ impl<S> Base<S> {
             dirty: Vec::new(),
             timers: TimerWheel::new(Instant::now()),
             stats: ConnStats::default(),
+            admission,
             next_generation: 0,
             accept_paused_until: None,
             more: false,
@@ -270,6 +359,18 @@ impl<S> Base<S> {
         .map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
     }
 
+    /// Stops accepting for [`ACCEPT_PAUSE`] (counted): the process is out of descriptors, or
+    /// accepting failed in a way that may persist. Accepting again at once would spin on a
+    /// listener that stays readable (epoll) or an accept that fails at once (io_uring).
+    pub fn pause_accept(&mut self, now: Now, error: &io::Error) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        self.stats.accept_pauses += 1;
+        tracing::warn!(%error, pauses = self.stats.accept_pauses, "accept failed: pausing accept");
+        self.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+    }
+
     /// Whether an accept pause ends at `now` (and clears it).
     pub fn accept_pause_over(&mut self, now: Now) -> bool {
         let over = self
@@ -292,8 +393,27 @@ impl<S> Base<S> {
             outgoing: &mut self.outgoing,
             max_send: self.limits.max_send_buffer,
             stats: &mut self.stats,
+            admission: &self.admission,
         };
         f(&mut self.shard, &mut io)
+    }
+
+    /// Whether a connection from `peer`, just accepted, may stay: its ticket, or `None` (the
+    /// refusal counted) if the backend must close it at once.
+    pub fn admit(&mut self, now: Now, peer: SocketAddr) -> Option<Ticket> {
+        match self.admission.admit(peer.ip(), now.mono) {
+            Ok(ticket) => Some(ticket),
+            Err(refusal) => {
+                tracing::debug!(%peer, ?refusal, "connection refused");
+                let counter = match refusal {
+                    Refusal::Unauthenticated => &mut self.stats.refused_unauthenticated,
+                    Refusal::PerIp => &mut self.stats.refused_per_ip,
+                    Refusal::Rate => &mut self.stats.refused_rate,
+                };
+                *counter += 1;
+                None
+            }
+        }
     }
 
     fn insert(&mut self, sock: S, state: ConnState) -> (usize, ConnId) {
@@ -306,16 +426,38 @@ impl<S> Base<S> {
             migrate: None,
             write_since: None,
             write_timer: None,
+            ticket: None,
+            login_timer: None,
         });
         (index, conn_id(index, generation))
     }
 
-    /// A connection accepted on this core: its session starts. Returns its index.
-    pub fn open(&mut self, now: Now, sock: S, state: ConnState) -> usize {
+    /// A connection accepted on this core and admitted ([`Base::admit`]): its session starts,
+    /// and its login deadline. Returns its index.
+    pub fn open(&mut self, now: Now, sock: S, state: ConnState, ticket: Ticket) -> usize {
         let (transport, peer) = (state.transport, state.peer);
         let (index, id) = self.insert(sock, state);
+        let at = now.mono + self.limits.login_timeout;
+        if let Some(conn) = self.conns.get_mut(index) {
+            conn.ticket = Some(ticket);
+            let timer = (index, conn.generation, ConnTimer::Login);
+            conn.login_timer = Some(self.timers.insert(at, timer));
+        }
         self.shard.on_open(now, id, transport, peer);
         index
+    }
+
+    /// Gives back the admission ticket of a connection that has logged in.
+    fn check_login(&mut self, index: usize) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        if conn.ticket.is_some() && self.shard.is_logged_in(conn_id(index, conn.generation)) {
+            conn.ticket = None;
+            if let Some(key) = conn.login_timer.take() {
+                self.timers.cancel(key);
+            }
+        }
     }
 
     /// A connection that migrated here with a verified login: the shard finishes the login.
@@ -332,6 +474,14 @@ impl<S> Base<S> {
     /// stopping if the connection closes or is to migrate. Returns the migration, which the
     /// backend carries out (the shard has already forgotten the connection).
     pub fn process(&mut self, now: Now, index: usize) -> Option<(CoreId, Adopt)> {
+        let migrate = self.process_rx(now, index);
+        if migrate.is_none() {
+            self.check_login(index);
+        }
+        migrate
+    }
+
+    fn process_rx(&mut self, now: Now, index: usize) -> Option<(CoreId, Adopt)> {
         loop {
             let conn = self.conns.get_mut(index)?;
             if let Some(migrate) = conn.migrate.take() {
@@ -479,12 +629,23 @@ impl<S> Base<S> {
                 self.stats.write_stalls += 1;
                 self.dirty.push(index);
             }
+            ConnTimer::Login => {
+                conn.login_timer = None;
+                if conn.ticket.is_none() || self.shard.is_logged_in(conn_id(index, generation)) {
+                    conn.ticket = None;
+                    return;
+                }
+                tracing::debug!(peer = %conn.state.peer, "not logged in in time: closing");
+                conn.state.abort();
+                self.stats.login_timeouts += 1;
+                self.dirty.push(index);
+            }
         }
     }
 
     /// Forgets the loop's timers of a connection that leaves this core or closes.
     fn cancel_timers(&mut self, conn: &Conn<S>) {
-        if let Some(key) = conn.write_timer {
+        for key in [conn.write_timer, conn.login_timer].into_iter().flatten() {
             self.timers.cancel(key);
         }
     }

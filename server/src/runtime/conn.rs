@@ -296,6 +296,12 @@ pub struct ConnStats {
     pub refused_rate: u64,
     /// Times accepting paused because the process ran out of file descriptors.
     pub accept_pauses: u64,
+    /// Replies to UDP sources not logged in that were not sent: over
+    /// `--udp-unauth-reply-rate` for the source address.
+    pub udp_replies_limited: u64,
+    /// Replies to UDP sources not logged in that were not sent: larger than
+    /// `UDP_REPLY_MAX_RATIO` times the request.
+    pub udp_replies_too_large: u64,
 }
 
 impl ConnStats {
@@ -309,6 +315,8 @@ impl ConnStats {
         self.refused_per_ip += other.refused_per_ip;
         self.refused_rate += other.refused_rate;
         self.accept_pauses += other.accept_pauses;
+        self.udp_replies_limited += other.udp_replies_limited;
+        self.udp_replies_too_large += other.udp_replies_too_large;
     }
 }
 
@@ -340,6 +348,26 @@ mod tests {
         assert!(!conn.aborted);
         assert!(!conn.absorb(b"x", 6144));
         assert!(conn.aborted && conn.closing && conn.rx.is_empty());
+    }
+
+    #[test]
+    fn conn_stats_merge_into_the_shard_stats() {
+        let mut a = crate::shard::Stats::default();
+        a.conn.write_stalls = 1;
+        a.conn.refused_rate = 2;
+        let mut b = crate::shard::Stats::default();
+        b.conn.write_stalls = 3;
+        b.conn.accept_pauses = 4;
+        a.merge(&b);
+        assert_eq!(
+            a.conn,
+            ConnStats {
+                write_stalls: 4,
+                refused_rate: 2,
+                accept_pauses: 4,
+                ..ConnStats::default()
+            }
+        );
     }
 
     #[test]

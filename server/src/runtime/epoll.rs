@@ -10,6 +10,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use imedge_protocol::frame::udp;
 use imedge_protocol::session::Transport;
@@ -17,7 +18,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use super::base::{self, Base, ACCEPT_PAUSE, EMFILE, ENFILE};
+use super::admit::{Admission, Ticket};
+use super::base::{self, Backend, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
 use super::mesh::{Mail, Mesh, Migrant};
 use super::{Limits, Listeners};
@@ -51,6 +53,8 @@ pub struct EpollCore {
     udp_rx: Vec<u8>,
     /// The UDP socket was left readable at the end of the last turn.
     udp_more: bool,
+    /// What the last wait found.
+    events: Events,
 }
 
 impl std::fmt::Debug for EpollCore {
@@ -69,7 +73,7 @@ impl EpollCore {
         shard: Shard,
         listeners: Listeners,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> io::Result<Self> {
         let registry = poll.registry();
         let mut tcp = listeners.tcp.map(TcpListener::from_std);
@@ -88,62 +92,23 @@ impl EpollCore {
             )?;
         }
         Ok(Self {
-            base: Base::new(core, shard, listeners.udp, mesh, limits),
+            base: Base::new(core, shard, listeners.udp, mesh, (limits, admission)),
             poll,
             tcp,
             ws,
             scratch: vec![0; READ_CHUNK],
             udp_rx: vec![0; udp::recv_buffer_len(limits.udp_max_datagram)],
             udp_more: false,
+            events: Events::with_capacity(EVENTS_CAPACITY),
         })
     }
 
     /// Runs until a [`Mail::Shutdown`] has been handled.
-    pub fn run(mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(EVENTS_CAPACITY);
-        while !self.base.shutting_down {
-            let mut timeout = self.base.wait_timeout();
-            if self.udp_more {
-                timeout = Some(std::time::Duration::ZERO);
-            }
-            if let Err(error) = self.poll.poll(&mut events, timeout) {
-                if error.kind() != io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
-            }
-            let now = base::now();
-            for event in &events {
-                match event.token() {
-                    TCP_LISTENER => self.accept(now, Transport::Tcp),
-                    WS_LISTENER => self.accept(now, Transport::Ws),
-                    UDP_SOCKET => self.udp_more = true,
-                    WAKER => {}
-                    Token(index) => {
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read(now, index);
-                        }
-                        if event.is_writable() {
-                            self.base.dirty.push(index);
-                        }
-                    }
-                }
-            }
-            if self.udp_more {
-                self.receive(now);
-            }
-            if self.base.accept_pause_over(now) {
-                self.accept(now, Transport::Tcp);
-                self.accept(now, Transport::Ws);
-            }
-            while let Some(migrant) = self.base.drain_inbox(now) {
-                self.adopt(now, *migrant);
-            }
-            self.base.run_timers(now);
-            self.flush(now);
-            self.base.outgoing.flush();
-        }
-        self.close_all();
-        Ok(())
+    ///
+    /// # Errors
+    /// `epoll_wait` failed.
+    pub fn run(self) -> io::Result<()> {
+        base::run(self)
     }
 
     fn accept(&mut self, now: Now, transport: Transport) {
@@ -160,13 +125,17 @@ impl EpollCore {
             };
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    // Refused: closed at once (dropped).
+                    let Some(ticket) = self.base.admit(now, peer) else {
+                        continue;
+                    };
                     // TCP_NODELAY and SO_KEEPALIVE come from the listener (`bind_tcp`).
-                    self.add_conn(now, stream, ConnState::new(transport, peer), None);
+                    let state = ConnState::new(transport, peer);
+                    self.add_conn(now, stream, state, Err(ticket));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) => {
-                    tracing::warn!(error = %e, "out of file descriptors: pausing accept");
-                    self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                    self.base.pause_accept(now, &e);
                     return;
                 }
                 Err(e)
@@ -180,13 +149,14 @@ impl EpollCore {
         }
     }
 
-    /// Registers a connection (accepted here, or migrated here with a login to finish).
+    /// Registers a connection: migrated here with a login to finish (`Ok`), or accepted here
+    /// and admitted (`Err`: its ticket).
     fn add_conn(
         &mut self,
         now: Now,
         mut stream: TcpStream,
         state: ConnState,
-        adopt: Option<Adopt>,
+        adopt: Result<Adopt, Ticket>,
     ) {
         let token = Token(self.base.conns.vacant_key());
         if let Err(error) = self.poll.registry().register(
@@ -198,10 +168,10 @@ impl EpollCore {
             return;
         }
         match adopt {
-            None => {
-                self.base.open(now, stream, state);
+            Err(ticket) => {
+                self.base.open(now, stream, state, ticket);
             }
-            Some(adopt) => {
+            Ok(adopt) => {
                 let index = self.base.adopt(now, stream, state, adopt);
                 // Bytes that arrived behind the login came along in the receive buffer.
                 self.process(now, index);
@@ -215,7 +185,7 @@ impl EpollCore {
             conn,
             adopt,
         } = migrant;
-        self.add_conn(now, TcpStream::from_std(stream), conn, Some(adopt));
+        self.add_conn(now, TcpStream::from_std(stream), conn, Ok(adopt));
     }
 
     /// Reads everything available on a connection, handing its complete messages to the shard:
@@ -370,5 +340,65 @@ impl EpollCore {
             self.close_now(now, index);
         }
         self.base.outgoing.flush();
+    }
+}
+
+impl Backend for EpollCore {
+    type Sock = TcpStream;
+
+    fn base(&mut self) -> &mut Base<TcpStream> {
+        &mut self.base
+    }
+
+    fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
+        if self.udp_more {
+            timeout = Some(Duration::ZERO);
+        }
+        match self.poll.poll(&mut self.events, timeout) {
+            Err(error) if error.kind() != io::ErrorKind::Interrupted => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    fn handle_io(&mut self, now: Now) {
+        // Taken out while its events are handled (an empty `Events` allocates nothing).
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        for event in &events {
+            match event.token() {
+                TCP_LISTENER => self.accept(now, Transport::Tcp),
+                WS_LISTENER => self.accept(now, Transport::Ws),
+                UDP_SOCKET => self.udp_more = true,
+                WAKER => {}
+                Token(index) => {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        self.read(now, index);
+                    }
+                    if event.is_writable() {
+                        self.base.dirty.push(index);
+                    }
+                }
+            }
+        }
+        self.events = events;
+        if self.udp_more {
+            self.receive(now);
+        }
+    }
+
+    fn resume_accepting(&mut self, now: Now) {
+        self.accept(now, Transport::Tcp);
+        self.accept(now, Transport::Ws);
+    }
+
+    fn adopt(&mut self, now: Now, migrant: Migrant) {
+        EpollCore::adopt(self, now, migrant);
+    }
+
+    fn flush(&mut self, now: Now) {
+        EpollCore::flush(self, now);
+    }
+
+    fn close_all(&mut self) {
+        EpollCore::close_all(self);
     }
 }

@@ -2,6 +2,8 @@
 //! stops them.
 //!
 //! * [`conn`] — one connection's transport state (framing, WebSocket), backend-independent.
+//! * [`admit`] — admission of new connections (unauthenticated caps, per-address rate), shared
+//!   by the cores.
 //! * [`mesh`] — bounded lock-free inboxes between cores, with wake-ups.
 //! * `base` — the backend-independent half of a core's loop (shard, connections, inbox, timers).
 //! * [`epoll`] — the epoll backend (mio).
@@ -11,10 +13,12 @@
 //! Every core binds its own TCP, UDP and WebSocket socket on the same ports with `SO_REUSEPORT`;
 //! the kernel spreads connections and UDP clients over them.
 
+pub mod admit;
 mod base;
 pub mod conn;
 pub mod epoll;
 pub mod mesh;
+pub mod orphan;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
@@ -53,6 +57,9 @@ pub struct Limits {
     pub max_send_buffer: usize,
     /// A write making no progress this long closes its connection (`--write-stall-timeout`).
     pub write_stall: std::time::Duration,
+    /// A connection not logged in this long after it was accepted is closed
+    /// (`--login-timeout`).
+    pub login_timeout: std::time::Duration,
     /// Benchmark mode (`--bench-echo`): every frame (TCP, WebSocket) and datagram goes straight
     /// back to its sender instead of to the shard. The loops, buffers and writes are the server's
     /// own, so this measures their floor — the cost of the I/O without the protocol.
@@ -186,7 +193,7 @@ impl Prepared {
         shard: Shard,
         listeners: Listeners,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<admit::Admission>),
         ready: mpsc::Sender<io::Result<()>>,
     ) -> io::Result<()> {
         fn report<C>(
@@ -209,13 +216,13 @@ impl Prepared {
         }
         match self {
             Prepared::Epoll(poll) => report(
-                epoll::EpollCore::new(core, poll, shard, listeners, mesh, limits),
+                epoll::EpollCore::new(core, poll, shard, listeners, mesh, (limits, admission)),
                 ready,
                 epoll::EpollCore::run,
             ),
             #[cfg(target_os = "linux")]
             Prepared::Uring(waker) => report(
-                uring::UringCore::new(core, shard, listeners, waker, mesh, limits),
+                uring::UringCore::new(core, shard, listeners, waker, mesh, (limits, admission)),
                 ready,
                 uring::UringCore::run,
             ),
@@ -418,7 +425,64 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// With port 0 the probe's port, which the kernel picked among ports nobody holds, is returned
 /// for the group to bind: a socket with `SO_REUSEPORT` asking for port 0 may be handed a port
 /// that another process's group already shares.
+///
+/// A port held only by orphaned sockets — those of a run killed a moment ago, which close once
+/// the process has exited and the kernel has torn its io_uring rings down ([`orphan`]) — is
+/// waited for, at most [`ORPHAN_WAIT`], with a log line; a port a live process holds is refused
+/// after [`HOLDER_GRACE`] (time for a process that is exiting to let go).
 fn claim(addr: SocketAddr, ty: Type) -> io::Result<u16> {
+    let start = Instant::now();
+    let proto = if ty == Type::STREAM {
+        orphan::Proto::Tcp
+    } else {
+        orphan::Proto::Udp
+    };
+    let mut logged = false;
+    loop {
+        let error = match claim_once(addr, ty) {
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse && addr.port() != 0 => error,
+            other => {
+                if logged {
+                    tracing::info!(%addr, waited_ms = start.elapsed().as_millis() as u64, "port free");
+                }
+                return other;
+            }
+        };
+        let waited = start.elapsed();
+        let holders = orphan::holders(proto, addr.port()).unwrap_or_default();
+        if waited >= ORPHAN_WAIT || (!holders.is_empty() && waited >= HOLDER_GRACE) {
+            let who = match holders.as_slice() {
+                [] => String::new(),
+                pids => format!(" by process {pids:?}"),
+            };
+            return Err(io::Error::new(error.kind(), format!("{error}{who}")));
+        }
+        if !logged && holders.is_empty() {
+            tracing::warn!(
+                %addr,
+                max_wait_ms = ORPHAN_WAIT.as_millis() as u64,
+                "port held by sockets no process owns (a crashed run's, closing): waiting"
+            );
+            logged = true;
+        }
+        std::thread::sleep(ORPHAN_POLL);
+    }
+}
+
+/// The longest start-up waits for a port held by orphaned sockets. The kernel closes them
+/// within a fraction of a second of the crashed process's exit (measured: ~0.1 s on Linux 6.18,
+/// io_uring or epoll); 10 s covers a loaded machine, and is still short next to a restart by a
+/// supervisor.
+pub const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long start-up waits for a port that a live process holds: one that is exiting may still
+/// show its sockets; one that is not is another server, refused after this.
+pub const HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often start-up looks at a held port again.
+const ORPHAN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn claim_once(addr: SocketAddr, ty: Type) -> io::Result<u16> {
     let protocol = if ty == Type::STREAM {
         Protocol::TCP
     } else {
@@ -550,6 +614,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         udp_max_datagram: config.udp_max_datagram,
         max_send_buffer: config.max_send_buffer,
         write_stall: config.write_stall_timeout,
+        login_timeout: config.login_timeout,
         echo: config.bench_echo,
     };
     let cpus = if config.pin_threads {
@@ -558,6 +623,16 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         Vec::new()
     };
 
+    let admission = Arc::new(admit::Admission::new(
+        admit::AdmitLimits {
+            max_unauthenticated: config.max_unauthenticated,
+            max_per_ip: config.max_conns_per_ip,
+            rate_per_ip: config.max_conn_rate_per_ip,
+            udp_unauth_reply_rate: config.udp_unauth_reply_rate,
+            limit_loopback: config.limit_loopback,
+        },
+        Instant::now(),
+    ));
     let presence = Arc::new(Presence::new(cores));
     // One secret for the QoS tables' keys per process, shared by every core.
     let qos_keys = imedge_protocol::qos::QosKeyHasher::random();
@@ -587,6 +662,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         let mesh = Arc::clone(&mesh);
         let offline = offline.clone();
         let presence = Arc::clone(&presence);
+        let admission = Arc::clone(&admission);
         let cpu = cpus.get(core % cpus.len().max(1)).copied();
         let thread = std::thread::Builder::new()
             .name(format!("imedge-core-{core}"))
@@ -601,7 +677,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
                 if let Some(offline) = offline {
                     shard = shard.with_store(offline);
                 }
-                prepared.run(core_id, shard, listeners, mesh, limits, ready)
+                prepared.run(core_id, shard, listeners, mesh, (limits, admission), ready)
             })?;
         threads.push(thread);
     }

@@ -175,6 +175,14 @@ pub trait Outbox {
     fn send(&mut self, to: Endpoint, msg: &Message<'_>);
     /// Queues a message that is already encoded (a relay or a resend).
     fn send_json(&mut self, to: Endpoint, json: &Bytes);
+    /// Replies to a UDP source that is not logged in (error 301, echo): the loop may drop it, if
+    /// the source got too many such replies lately or the reply is too large for a request of
+    /// `request_len` bytes — SPEC S4: spoofed datagrams must not turn the server into an
+    /// amplifier.
+    fn send_unauthenticated(&mut self, to: SocketAddr, msg: &Message<'_>, request_len: usize) {
+        let _ = request_len;
+        self.send(Endpoint::Udp(to), msg);
+    }
     /// Closes a connection once what is queued for it is written (WebSocket: after close
     /// 1000 "Bye"). Its [`Shard::on_closed`] follows.
     fn close(&mut self, conn: ConnId);
@@ -427,6 +435,9 @@ pub struct Shard {
     next_fp: u64,
     /// The core that received the UDP datagram being handled (set by `on_udp`).
     udp_via: CoreId,
+    /// The size of the UDP datagram being handled (set by `on_udp`): replies to a source that
+    /// is not logged in are bounded by it.
+    udp_request_len: usize,
     /// The durable offline store, if configured.
     offline: Option<OfflineStore>,
     /// The wheel entry standing for the QoS tables' earliest deadline, and that deadline.
@@ -486,6 +497,7 @@ impl Shard {
             udp_routes: HashMap::new(),
             next_fp: 0,
             udp_via: core,
+            udp_request_len: 0,
             offline: None,
             qos_timer: None,
             encoded: BytesMut::new(),
@@ -549,6 +561,13 @@ impl Shard {
     /// Whether `uid` is logged in on this shard.
     pub fn is_online(&self, uid: &str) -> bool {
         self.online.contains_key(uid)
+    }
+
+    /// Whether connection `conn` of this core has logged in (the loop's login deadline asks).
+    pub fn is_logged_in(&self, conn: ConnId) -> bool {
+        self.sessions
+            .get(&Endpoint::Conn(conn))
+            .is_some_and(|session| session.uid.is_some())
     }
 
     /// A TCP or WebSocket connection was accepted on this core.
@@ -644,6 +663,7 @@ impl Shard {
             session.via = via;
         }
         self.udp_via = via;
+        self.udp_request_len = bytes.len();
         match self.decoder.decode(bytes) {
             Ok(msg) => {
                 self.stats.messages_in += 1;
@@ -898,7 +918,12 @@ impl Shard {
                 // SPEC §4.7: type 53 with everything else unchanged; no login needed. Not put in
                 // the resend queue even with QoS (hazard R9).
                 let reply = msg.clone().echo_response();
-                self.send(now, endpoint, reply, out);
+                match endpoint {
+                    Endpoint::Udp(addr) if !self.sessions.contains_key(&endpoint) => {
+                        self.send_unauthenticated(now, addr, reply, out);
+                    }
+                    _ => self.send(now, endpoint, reply, out),
+                }
             }
             (Kind::Logout, Some((uid, ..))) => {
                 tracing::debug!(uid = uid.as_str(), "logout");
@@ -964,6 +989,15 @@ impl Shard {
         msg: &Message<'_>,
         out: &mut dyn Outbox,
     ) {
+        if let Endpoint::Udp(addr) = endpoint {
+            // SPEC S4: over UDP the request is not reflected (its source may be spoofed).
+            let reply = Message::error(ErrorResponse {
+                code: ERROR_NOT_LOGGED_IN,
+                message: None,
+            });
+            self.send_unauthenticated(now, addr, reply, out);
+            return;
+        }
         let json = msg.to_json();
         let text = String::from_utf8_lossy(&json);
         let reply = Message::error(ErrorResponse {
@@ -974,6 +1008,20 @@ impl Shard {
         if let Endpoint::Conn(conn) = endpoint {
             out.close(conn);
         }
+    }
+
+    /// A reply to a UDP source that is not logged in ([`Outbox::send_unauthenticated`]).
+    fn send_unauthenticated(
+        &self,
+        now: Now,
+        to: SocketAddr,
+        mut msg: Message<'_>,
+        out: &mut dyn Outbox,
+    ) {
+        if self.config.server_timestamps {
+            msg.sm = now.epoch_ms;
+        }
+        out.send_unauthenticated(to, &msg, self.udp_request_len);
     }
 
     /// Closes a session on request (logout, refused login…): TCP/WS connections are closed

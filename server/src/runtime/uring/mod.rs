@@ -4,11 +4,23 @@
 //! listeners, connections, UDP socket and shard. What does not depend on io_uring is in
 //! [`super::base`], shared with the epoll loop.
 //!
+//! # Layout
+//!
+//! * `probe` — whether io_uring can run here, and the ring as every core builds it;
+//! * `bufring` — the provided buffer rings, the memory the kernel receives into: the `unsafe`
+//!   that touches memory shared with the kernel is there (and in [`UringCore::push`], whose
+//!   callers vouch for what each operation uses);
+//! * `ops` — what a completion is about (`user_data`);
+//! * `sockets` — the sockets a ring works on and what is pending on them;
+//! * `recvmsg` — datagrams out of multishot `RecvMsg` buffers;
+//! * `wake` — the eventfd other cores wake a core with;
+//! * this file — the loop: arming operations, completions, flushing, migration, shutdown.
+//!
 //! # Operations
 //!
 //! * Each listener: one multishot accept (`AcceptMulti`), re-armed when it ends. When the
 //!   process runs out of descriptors (EMFILE/ENFILE) the accept ends and is left ended for
-//!   [`ACCEPT_PAUSE`], then re-armed: no retry loop in between.
+//!   [`base::ACCEPT_PAUSE`], then re-armed: no retry loop in between.
 //! * Each connection: one multishot receive (`RecvMulti`) into the TCP provided buffer ring,
 //!   re-armed when it ends (for instance with ENOBUFS when every buffer was taken), and at most
 //!   one `Send` in flight, of everything queued on the connection when it was issued; a partial
@@ -49,31 +61,41 @@
 //! bytes not sent put back in front of its output — it is mailed (`Mail::Adopt`) as a plain
 //! socket. The receiving core registers nothing: it just arms a receive on the descriptor.
 
-use std::alloc::{self, Layout};
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::mem::ManuallyDrop;
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream};
-use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use imedge_protocol::frame::udp;
 use imedge_protocol::session::Transport;
-use io_uring::types::{BufRingEntry, CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
-use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
+use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
 use slab::Slab;
 
-use super::base::{self, Base, ACCEPT_PAUSE, EMFILE, ENFILE};
+use super::admit::Admission;
+use super::base::{self, Backend, Base, EMFILE, ENFILE};
 use super::conn::ConnState;
-use super::mesh::{Mail, Mesh, Migrant, Wake};
+use super::mesh::{Mail, Mesh, Migrant};
 use super::{Limits, Listeners};
 use crate::shard::{Adopt, CoreId, Now, Shard};
+
+mod bufring;
+mod ops;
+mod probe;
+mod recvmsg;
+mod sockets;
+mod wake;
+
+use bufring::BufRing;
+use ops::{Gate, Op};
+use probe::build_ring;
+pub use probe::probe;
+use recvmsg::{datagram, udp_buffer_size};
+use sockets::{requeue, Gateway, Leaving, Lent, Sock};
+pub use wake::EventFd;
 
 /// Submission queue entries per ring. A turn queues one entry per connection with output, plus
 /// re-arms and cancellations; 1024 covers a busy turn, and a larger burst submits early (see
@@ -131,535 +153,6 @@ const QUIESCE_GRACE: Duration = Duration::from_secs(1);
 /// and members of `kernel.io_uring_group`, 2 no.
 const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 
-/// Size of a UDP buffer: the recvmsg header, the sender's address and a payload that can tell a
-/// datagram of `max` bytes from a longer one.
-fn udp_buffer_size(max_datagram: usize) -> usize {
-    RECVMSG_OUT_LEN + UDP_NAME_LEN + udp::recv_buffer_len(max_datagram)
-}
-
-/// Checks that the io_uring loop can run here: io_uring is not disabled, a ring builds with the
-/// flags the loop uses, the kernel knows every operation it issues, a provided buffer ring
-/// registers, and a submit-and-wait with a timeout completes an operation. The last step matters
-/// because a sandbox's seccomp filter may allow `io_uring_setup` and still deny
-/// `io_uring_enter` or `io_uring_register`.
-///
-/// The test ring lives on a thread of its own: when a ring is torn down the kernel queues work
-/// on every thread that used it with `TWA_SIGNAL`, which interrupts that thread's next blocking
-/// system call (a socket read with a timeout then fails with EINTR) — the caller's thread must
-/// not get that.
-///
-/// # Errors
-/// Why io_uring cannot be used (the message says what to change).
-pub fn probe() -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("imedge-io-probe".to_owned())
-        .spawn(probe_here)?
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the io_uring probe panicked")))
-}
-
-fn probe_here() -> io::Result<()> {
-    let disabled = std::fs::read_to_string(IO_URING_DISABLED)
-        .ok()
-        .and_then(|text| text.trim().parse::<u8>().ok())
-        .unwrap_or(0);
-    if disabled >= 2 {
-        return Err(unavailable(
-            io::ErrorKind::PermissionDenied,
-            "it is disabled by the kernel.io_uring_disabled sysctl (2)",
-        ));
-    }
-    let ring = build_ring().map_err(|error| explain(&error, disabled))?;
-    if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
-        return Err(unavailable(
-            io::ErrorKind::Unsupported,
-            "the kernel lacks IORING_FEAT_EXT_ARG or IORING_FEAT_NODROP",
-        ));
-    }
-    let mut ops = Probe::new();
-    ring.submitter()
-        .register_probe(&mut ops)
-        .map_err(|error| explain(&error, disabled))?;
-    let needed = [
-        (opcode::Accept::CODE, "accept"),
-        (opcode::Recv::CODE, "recv"),
-        (opcode::RecvMsg::CODE, "recvmsg"),
-        (opcode::Send::CODE, "send"),
-        (opcode::Read::CODE, "read"),
-        (opcode::AsyncCancel::CODE, "async_cancel"),
-    ];
-    if let Some((_, name)) = needed.iter().find(|(code, _)| !ops.is_supported(*code)) {
-        return Err(unavailable(
-            io::ErrorKind::Unsupported,
-            &format!(
-                "the kernel does not support IORING_OP_{}",
-                name.to_uppercase()
-            ),
-        ));
-    }
-    let buffers = BufRing::new(TCP_GROUP, 1, 64)?;
-    buffers
-        .register(&ring)
-        .map_err(|error| explain(&error, disabled))?;
-    let _ = ring.submitter().unregister_buf_ring(TCP_GROUP);
-    let mut ring = ring;
-    let nop = opcode::Nop::new().build().user_data(1);
-    // SAFETY: a no-op uses no memory.
-    if unsafe { ring.submission().push(&nop) }.is_err() {
-        return Err(unavailable(
-            io::ErrorKind::Other,
-            "its submission queue is full",
-        ));
-    }
-    let timeout = Timespec::from(Duration::from_secs(1));
-    let args = SubmitArgs::new().timespec(&timeout);
-    ring.submitter()
-        .submit_with_args(1, &args)
-        .map_err(|error| explain(&error, disabled))?;
-    if ring.completion().next().is_none_or(|cqe| cqe.result() != 0) {
-        return Err(unavailable(
-            io::ErrorKind::Other,
-            "a no-op submitted to a test ring did not complete",
-        ));
-    }
-    Ok(())
-}
-
-fn unavailable(kind: io::ErrorKind, why: &str) -> io::Error {
-    io::Error::new(kind, format!("io_uring is unavailable: {why}"))
-}
-
-/// Turns a failed io_uring system call into the reason io_uring is unavailable.
-fn explain(error: &io::Error, disabled: u8) -> io::Error {
-    let why = match error.raw_os_error() {
-        Some(libc::ENOSYS) => {
-            "the kernel has no io_uring (ENOSYS: too old, built without it, or hidden by a seccomp \
-             filter)"
-                .to_owned()
-        }
-        Some(libc::EPERM | libc::EACCES) if disabled == 1 => {
-            "not permitted: kernel.io_uring_disabled=1 limits it to privileged processes and \
-             kernel.io_uring_group"
-                .to_owned()
-        }
-        Some(libc::EPERM | libc::EACCES) => {
-            "not permitted (EPERM: a seccomp filter or container policy denies it)".to_owned()
-        }
-        Some(libc::EINVAL) => {
-            "the kernel rejects IORING_SETUP_SINGLE_ISSUER/DEFER_TASKRUN or a provided buffer \
-             ring (EINVAL: Linux 6.1 or later is needed)"
-                .to_owned()
-        }
-        Some(libc::ENOMEM) => {
-            "the kernel cannot allocate the ring (ENOMEM: memory or RLIMIT_MEMLOCK)".to_owned()
-        }
-        _ => format!("{error}"),
-    };
-    unavailable(error.kind(), &why)
-}
-
-/// A ring as every core's loop uses it: one submitter thread, completions produced only when
-/// that thread waits, and every SQE of a submission attempted even if one fails.
-fn build_ring() -> io::Result<IoUring> {
-    IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_submit_all()
-        .setup_cqsize(CQ_ENTRIES)
-        .build(SQ_ENTRIES)
-}
-
-/// A core's wake-up: an eventfd on which the core's ring keeps a read pending. Other cores add to
-/// its counter ([`Wake`]), which completes the read and ends the core's wait.
-///
-/// It is a blocking eventfd on purpose: the ring reads it without blocking anyway (and falls
-/// back to polling it), while a non-blocking one could make some kernels fail the read with
-/// EAGAIN instead of waiting. Writing blocks only if the counter would overflow, and the ring's
-/// read resets it every turn.
-#[derive(Debug)]
-pub struct EventFd(File);
-
-impl EventFd {
-    /// A new eventfd with a zero counter.
-    ///
-    /// # Errors
-    /// The process is out of descriptors.
-    pub fn new() -> io::Result<Self> {
-        // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and nothing else owns it.
-        Ok(Self(File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
-    }
-}
-
-impl Wake for EventFd {
-    fn wake(&self) {
-        if let Err(error) = (&self.0).write_all(&1u64.to_ne_bytes()) {
-            tracing::warn!(%error, "cannot wake a core");
-        }
-    }
-}
-
-/// A provided buffer ring (an io_uring "buffer group"): `count` buffers of `size` bytes that the
-/// kernel takes from, one per receive completion, and that the loop gives back as soon as it has
-/// handled the bytes (parsed them in place, or copied them out) — in the same turn, so buffers
-/// never pile up on the loop's side.
-///
-/// Memory: a page-aligned ring of `count` 16-byte descriptors shared with the kernel (the tail,
-/// which only we advance, sits in the first descriptor's reserved field), and `count × size`
-/// bytes of buffers. Both are freed only once the ring has no operation pending, or leaked.
-struct BufRing {
-    descriptors: NonNull<BufRingEntry>,
-    descriptors_layout: Layout,
-    buffers: NonNull<u8>,
-    buffers_layout: Layout,
-    count: u16,
-    size: usize,
-    /// Our tail: the buffers described before it are the kernel's to take.
-    tail: u16,
-    group: u16,
-    /// Free the memory when dropped; cleared when the kernel might still use it.
-    owned: bool,
-}
-
-impl std::fmt::Debug for BufRing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BufRing")
-            .field("group", &self.group)
-            .field("count", &self.count)
-            .field("size", &self.size)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The system's page size (the alignment the kernel wants for a buffer ring).
-fn page_size() -> usize {
-    // SAFETY: sysconf takes no pointers.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096).max(4096)
-}
-
-fn allocate(layout: Layout) -> io::Result<NonNull<u8>> {
-    if layout.size() == 0 {
-        return Err(io::ErrorKind::InvalidInput.into());
-    }
-    // SAFETY: the layout's size is not zero.
-    NonNull::new(unsafe { alloc::alloc_zeroed(layout) }).ok_or(io::ErrorKind::OutOfMemory.into())
-}
-
-impl BufRing {
-    /// `count` (a power of two, at most 32768) buffers of `size` bytes for group `group`, all
-    /// available to the kernel once registered.
-    fn new(group: u16, count: u16, size: usize) -> io::Result<Self> {
-        if !count.is_power_of_two() || count > MAX_RING_BUFFERS || size == 0 {
-            return Err(io::ErrorKind::InvalidInput.into());
-        }
-        let count_usize = usize::from(count);
-        let descriptors_layout =
-            Layout::from_size_align(count_usize * size_of::<BufRingEntry>(), page_size())
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let buffers_layout = Layout::from_size_align(
-            count_usize
-                .checked_mul(size)
-                .ok_or(io::ErrorKind::InvalidInput)?,
-            page_size(),
-        )
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let descriptors = allocate(descriptors_layout)?.cast::<BufRingEntry>();
-        let buffers = match allocate(buffers_layout) {
-            Ok(buffers) => buffers,
-            Err(error) => {
-                // SAFETY: allocated just above with this layout, never shared.
-                unsafe { alloc::dealloc(descriptors.as_ptr().cast(), descriptors_layout) };
-                return Err(error);
-            }
-        };
-        // Touch every page now: the kernel hands buffers out round the ring, so under traffic
-        // they all become resident anyway, and an idle server's RSS should be what it will be
-        // under load rather than grow with the first burst. (Volatile: the compiler may not
-        // drop writes of zeros to zeroed memory.)
-        for offset in (0..buffers_layout.size()).step_by(page_size()) {
-            // SAFETY: `offset` is inside the block just allocated, which nothing else uses yet.
-            unsafe { buffers.as_ptr().add(offset).write_volatile(0) };
-        }
-        let mut ring = Self {
-            descriptors,
-            descriptors_layout,
-            buffers,
-            buffers_layout,
-            count,
-            size,
-            tail: 0,
-            group,
-            owned: true,
-        };
-        for bid in 0..count {
-            ring.give_back(bid);
-        }
-        ring.publish();
-        Ok(ring)
-    }
-
-    /// Registers the ring with `ring`'s kernel side under its group id.
-    fn register(&self, ring: &IoUring) -> io::Result<()> {
-        // SAFETY: the descriptors stay allocated until this `BufRing` is dropped, which happens
-        // only after the io_uring has no operation pending (`UringCore`'s `Drop`), or never.
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                self.descriptors.as_ptr() as u64,
-                self.count,
-                self.group,
-                0,
-            )
-        }
-    }
-
-    /// Describes buffer `bid` at the tail; the kernel sees it after [`BufRing::publish`].
-    fn give_back(&mut self, bid: u16) {
-        if bid >= self.count {
-            return;
-        }
-        let slot = usize::from(self.tail & (self.count - 1));
-        // SAFETY: `slot < count`, so the descriptor lies inside the allocation. The kernel reads
-        // only the descriptors between its head and the published tail; this one is at the tail,
-        // so nothing else accesses it now (at most `count` buffers are ever described, so the
-        // tail never laps the head). For slot 0 the reference also spans the tail field, which
-        // only this thread writes, and not through this reference.
-        let descriptor = unsafe { &mut *self.descriptors.as_ptr().add(slot) };
-        descriptor.set_addr(self.buffers.as_ptr() as u64 + u64::from(bid) * self.size as u64);
-        descriptor.set_len(u32::try_from(self.size).unwrap_or(u32::MAX));
-        descriptor.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    /// Makes the buffers given back so far visible to the kernel.
-    fn publish(&self) {
-        // SAFETY: the tail is the `u16` reserved field of the first descriptor, inside the
-        // page-aligned allocation and so aligned. The kernel only reads it (with acquire
-        // ordering); this thread writes it only here, atomically.
-        let tail = unsafe {
-            AtomicU16::from_ptr(BufRingEntry::tail(self.descriptors.as_ptr()).cast_mut())
-        };
-        tail.store(self.tail, Ordering::Release);
-    }
-
-    /// Gives buffer `bid` back to the kernel at once.
-    fn recycle(&mut self, bid: u16) {
-        self.give_back(bid);
-        self.publish();
-    }
-
-    /// The first `len` bytes of buffer `bid`, which a completion handed to us.
-    fn bytes(&self, bid: u16, len: usize) -> &[u8] {
-        if bid >= self.count {
-            return &[];
-        }
-        let len = len.min(self.size);
-        // SAFETY: `bid < count` and `len <= size` keep the slice inside the allocation. The
-        // kernel wrote these bytes before posting the completion that named `bid`, and takes the
-        // buffer again only after `recycle(bid)`, which needs `&mut self` and so cannot happen
-        // while this borrow lives.
-        unsafe {
-            std::slice::from_raw_parts(self.buffers.as_ptr().add(usize::from(bid) * self.size), len)
-        }
-    }
-
-    /// The first `len` bytes of buffer `bid`, which a completion handed to us, to parse in
-    /// place (simd-json unescapes strings where they lie).
-    fn bytes_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        if bid >= self.count {
-            return &mut [];
-        }
-        let len = len.min(self.size);
-        // SAFETY: `bid < count` and `len <= size` keep the slice inside the allocation, and
-        // inside buffer `bid` alone. The kernel wrote these bytes before posting the completion
-        // that named `bid` and took the buffer off the ring then: it writes into it again only
-        // after `recycle(bid)` describes it anew, which needs `&mut self` and so cannot happen
-        // while this borrow lives. Nothing else on our side aliases the buffer meanwhile (`bytes`
-        // needs `&self`).
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.buffers.as_ptr().add(usize::from(bid) * self.size),
-                len,
-            )
-        }
-    }
-
-    /// Keeps the memory allocated for good: the kernel might still use it.
-    fn leak(&mut self) {
-        self.owned = false;
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        if !self.owned {
-            return;
-        }
-        // SAFETY: both blocks were allocated in `new` with these layouts and are freed only
-        // here; `owned` is cleared whenever the kernel might still use them.
-        unsafe {
-            alloc::dealloc(self.descriptors.as_ptr().cast(), self.descriptors_layout);
-            alloc::dealloc(self.buffers.as_ptr(), self.buffers_layout);
-        }
-    }
-}
-
-/// Which listener an accept is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gate {
-    Tcp,
-    Ws,
-}
-
-/// What a completion is about, carried in its SQE's `user_data`: the kind of operation in the
-/// high half and, for a connection's operations, its socket's key in the low half.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Accept(Gate),
-    UdpRecv,
-    Wake,
-    Recv(usize),
-    Send(usize),
-    /// A cancellation (its own completion carries nothing we need).
-    Cancel,
-}
-
-impl Op {
-    fn encode(self) -> u64 {
-        let (kind, key) = match self {
-            Op::Accept(Gate::Tcp) => (1, 0),
-            Op::Accept(Gate::Ws) => (2, 0),
-            Op::UdpRecv => (3, 0),
-            Op::Wake => (4, 0),
-            Op::Recv(key) => (5, key),
-            Op::Send(key) => (6, key),
-            Op::Cancel => (7, 0),
-        };
-        // Socket keys are slab indices bounded by the descriptor limit: far below 2^32.
-        (kind << 32) | (key as u64 & 0xffff_ffff)
-    }
-
-    fn decode(user_data: u64) -> Option<Self> {
-        let key = (user_data & 0xffff_ffff) as usize;
-        Some(match user_data >> 32 {
-            1 => Op::Accept(Gate::Tcp),
-            2 => Op::Accept(Gate::Ws),
-            3 => Op::UdpRecv,
-            4 => Op::Wake,
-            5 => Op::Recv(key),
-            6 => Op::Send(key),
-            7 => Op::Cancel,
-            _ => return None,
-        })
-    }
-}
-
-/// A listening socket and whether its multishot accept is armed.
-#[derive(Debug)]
-struct Gateway {
-    listener: TcpListener,
-    armed: bool,
-}
-
-/// A TCP or WebSocket socket on this ring and what is pending on it. It outlives its connection
-/// in [`Base::conns`] until its last completion is in.
-#[derive(Debug)]
-struct Sock {
-    stream: TcpStream,
-    /// Its connection (index in `Base::conns`); `None` once closed or leaving.
-    conn: Option<usize>,
-    /// A multishot receive is armed (until its last completion).
-    receiving: bool,
-    /// The bytes of the send in flight: the kernel reads them until its completion.
-    sending: Option<BytesMut>,
-    /// The connection is moving to another core and waits here for the kernel to let go.
-    leaving: Option<Box<Leaving>>,
-}
-
-/// A connection on its way to another core.
-#[derive(Debug)]
-struct Leaving {
-    state: ConnState,
-    core: CoreId,
-    adopt: Adopt,
-}
-
-impl Sock {
-    fn new(stream: TcpStream) -> Self {
-        Self {
-            stream,
-            conn: None,
-            receiving: false,
-            sending: None,
-            leaving: None,
-        }
-    }
-}
-
-/// Small things the kernel reads or writes while operations are pending, in one heap block that
-/// stays put for the loop's life (and is leaked if the kernel might still use it).
-struct Lent {
-    /// Where the pending eventfd read puts the counter.
-    wake: [u8; 8],
-    /// The template of the UDP multishot `RecvMsg`: only its name and control lengths matter.
-    udp_msg: libc::msghdr,
-}
-
-/// Puts `unsent` back in front of `tx` (what was queued since the send was issued).
-fn requeue(mut unsent: BytesMut, tx: &mut BytesMut) {
-    if unsent.is_empty() {
-        return;
-    }
-    unsent.extend_from_slice(tx);
-    *tx = unsent;
-}
-
-/// A socket address as the kernel wrote it (`sockaddr_in` or `sockaddr_in6`).
-fn sockaddr(name: &[u8]) -> Option<SocketAddr> {
-    let family = u16::from_ne_bytes(name.get(0..2)?.try_into().ok()?);
-    let port = u16::from_be_bytes(name.get(2..4)?.try_into().ok()?);
-    match i32::from(family) {
-        libc::AF_INET => {
-            let ip: [u8; 4] = name.get(4..8)?.try_into().ok()?;
-            Some(SocketAddr::V4(SocketAddrV4::new(ip.into(), port)))
-        }
-        libc::AF_INET6 => {
-            // Like std, the flow label and scope id are taken as the kernel stores them.
-            let flowinfo = u32::from_ne_bytes(name.get(4..8)?.try_into().ok()?);
-            let ip: [u8; 16] = name.get(8..24)?.try_into().ok()?;
-            let scope_id = u32::from_ne_bytes(name.get(24..28)?.try_into().ok()?);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                ip.into(),
-                port,
-                flowinfo,
-                scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-/// A datagram out of a multishot `RecvMsg` buffer: the sender, the datagram's real length
-/// (larger than the bytes kept if it was truncated) and where the bytes kept lie in `buffer`
-/// (after the header, the name field and the control field, as `RecvMsgOut::parse` lays them
-/// out), to be decoded there.
-// `msg_controllen` is a `usize` with glibc and a `u32` with musl.
-#[allow(clippy::useless_conversion)]
-fn datagram(buffer: &[u8], msg: &libc::msghdr) -> Option<(SocketAddr, usize, Range<usize>)> {
-    let out = RecvMsgOut::parse(buffer, msg).ok()?;
-    let from = sockaddr(out.name_data())?;
-    let received = usize::try_from(out.incoming_payload_len()).unwrap_or(usize::MAX);
-    let start = RECVMSG_OUT_LEN
-        + usize::try_from(msg.msg_namelen).ok()?
-        + usize::try_from(msg.msg_controllen).ok()?;
-    let kept = start..start + out.payload_data().len();
-    Some((from, received, kept))
-}
-
 /// One core's event loop on its own ring.
 pub struct UringCore {
     base: Base<usize>,
@@ -706,7 +199,7 @@ impl UringCore {
         listeners: Listeners,
         waker: Arc<EventFd>,
         mesh: Arc<Mesh>,
-        limits: Limits,
+        (limits, admission): (Limits, Arc<Admission>),
     ) -> io::Result<Self> {
         let ring = build_ring()?;
         let tcp_buffers = BufRing::new(TCP_GROUP, TCP_BUFFERS, TCP_BUFFER_SIZE)?;
@@ -725,7 +218,7 @@ impl UringCore {
             armed: false,
         };
         let mut core = Self {
-            base: Base::new(core, shard, listeners.udp, mesh, limits),
+            base: Base::new(core, shard, listeners.udp, mesh, (limits, admission)),
             ring,
             socks: Slab::new(),
             tcp: listeners.tcp.map(gateway),
@@ -750,31 +243,13 @@ impl UringCore {
         Ok(core)
     }
 
-    /// Runs until a [`Mail::Shutdown`] has been handled.
-    pub fn run(mut self) -> io::Result<()> {
-        while !self.base.shutting_down {
-            let timeout = self.base.wait_timeout();
-            self.wait(timeout)?;
-            let now = base::now();
-            self.complete(now);
-            // Carry out what the completions finished — a close that waited for its last send,
-            // the rest of a partial send — before any mail is answered: a peer that saw its
-            // goodbye must not be reported online by a question asked after it.
-            self.flush(now);
-            if self.base.accept_pause_over(now) {
-                self.arm_accept(Gate::Tcp);
-                self.arm_accept(Gate::Ws);
-            }
-            while let Some(migrant) = self.base.drain_inbox(now) {
-                self.adopt(now, *migrant);
-            }
-            self.base.run_timers(now);
-            self.flush(now);
-            self.base.outgoing.flush();
-        }
-        self.close_all();
-        // Dropping `self` cancels what is still pending and waits for it (`quiesce`).
-        Ok(())
+    /// Runs until a [`Mail::Shutdown`] has been handled; dropping the loop then cancels what
+    /// is still pending and waits for it (`quiesce`).
+    ///
+    /// # Errors
+    /// `io_uring_enter` failed.
+    pub fn run(self) -> io::Result<()> {
+        base::run(self)
     }
 
     /// Queues an entry for the next submission. If the submission queue is full, it first
@@ -988,22 +463,16 @@ impl UringCore {
         }
         match -result {
             EMFILE | ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                tracing::warn!(
-                    error = %io::Error::from_raw_os_error(-result),
-                    "out of resources: pausing accept"
-                );
-                self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                self.base
+                    .pause_accept(now, &io::Error::from_raw_os_error(-result));
             }
             // The multishot accept ended on its own (success), was cancelled, or met a transient
             // error: accept again.
             ..=0 | libc::ECANCELED | libc::ECONNABORTED | libc::EINTR | libc::EAGAIN => {}
             _ => {
                 // Do not spin on an error that may persist: try again after a pause.
-                tracing::warn!(
-                    error = %io::Error::from_raw_os_error(-result),
-                    "accept failed: pausing accept"
-                );
-                self.base.accept_paused_until = Some(now.mono + ACCEPT_PAUSE);
+                self.base
+                    .pause_accept(now, &io::Error::from_raw_os_error(-result));
             }
         }
         self.arm_accept(gate);
@@ -1018,9 +487,15 @@ impl UringCore {
         let Ok(peer) = stream.peer_addr() else {
             return;
         };
+        // Refused: closed at once (dropped).
+        let Some(ticket) = self.base.admit(now, peer) else {
+            return;
+        };
         // TCP_NODELAY and SO_KEEPALIVE come from the listener (`bind_tcp`).
         let key = self.socks.insert(Sock::new(stream));
-        let index = self.base.open(now, key, ConnState::new(transport, peer));
+        let index = self
+            .base
+            .open(now, key, ConnState::new(transport, peer), ticket);
         if let Some(sock) = self.socks.get_mut(key) {
             sock.conn = Some(index);
         }
@@ -1362,6 +837,39 @@ impl UringCore {
     }
 }
 
+impl Backend for UringCore {
+    type Sock = usize;
+
+    fn base(&mut self) -> &mut Base<usize> {
+        &mut self.base
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        UringCore::wait(self, timeout)
+    }
+
+    fn handle_io(&mut self, now: Now) {
+        self.complete(now);
+    }
+
+    fn resume_accepting(&mut self, _now: Now) {
+        self.arm_accept(Gate::Tcp);
+        self.arm_accept(Gate::Ws);
+    }
+
+    fn adopt(&mut self, now: Now, migrant: Migrant) {
+        UringCore::adopt(self, now, migrant);
+    }
+
+    fn flush(&mut self, now: Now) {
+        UringCore::flush(self, now);
+    }
+
+    fn close_all(&mut self) {
+        UringCore::close_all(self);
+    }
+}
+
 impl Drop for UringCore {
     fn drop(&mut self) {
         if self.quiesce() {
@@ -1382,265 +890,5 @@ impl Drop for UringCore {
                 std::mem::forget(bytes);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
-
-    use std::io::Read;
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-    use super::*;
-
-    #[test]
-    fn ops_round_trip_through_user_data() {
-        let ops = [
-            Op::Accept(Gate::Tcp),
-            Op::Accept(Gate::Ws),
-            Op::UdpRecv,
-            Op::Wake,
-            Op::Recv(0),
-            Op::Recv(7),
-            Op::Send(0xffff_ffff),
-            Op::Send(12_345),
-            Op::Cancel,
-        ];
-        for op in ops {
-            assert_eq!(Op::decode(op.encode()), Some(op));
-        }
-        assert_eq!(Op::decode(0), None);
-        assert_eq!(Op::decode(8 << 32), None);
-    }
-
-    /// The bytes of `addr` as the kernel writes a socket address.
-    fn kernel_bytes(addr: SocketAddr) -> Vec<u8> {
-        let addr = socket2::SockAddr::from(addr);
-        let len = usize::try_from(addr.len()).unwrap();
-        // SAFETY: `as_ptr` points at a sockaddr of `len` initialised bytes owned by `addr`.
-        unsafe { std::slice::from_raw_parts(addr.as_ptr().cast::<u8>(), len) }.to_vec()
-    }
-
-    #[test]
-    fn socket_addresses_parse_as_the_kernel_writes_them() {
-        let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 7901);
-        let v6 = SocketAddr::V6(SocketAddrV6::new(
-            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
-            3000,
-            0x12345,
-            3,
-        ));
-        assert_eq!(sockaddr(&kernel_bytes(v4)), Some(v4));
-        assert_eq!(sockaddr(&kernel_bytes(v6)), Some(v6));
-        // Truncated or of another family: no address.
-        assert_eq!(sockaddr(&kernel_bytes(v4)[..6]), None);
-        assert_eq!(sockaddr(&kernel_bytes(v6)[..20]), None);
-        assert_eq!(sockaddr(&[0; 16]), None);
-        assert_eq!(sockaddr(&[]), None);
-    }
-
-    /// A buffer as a multishot `RecvMsg` fills it: header, name field, payload.
-    fn recvmsg_buffer(from: SocketAddr, payload: &[u8], incoming: u32, truncated: bool) -> Vec<u8> {
-        let name = kernel_bytes(from);
-        let mut buffer = Vec::new();
-        buffer.extend_from_slice(&u32::try_from(name.len()).unwrap().to_ne_bytes());
-        buffer.extend_from_slice(&0u32.to_ne_bytes());
-        buffer.extend_from_slice(&incoming.to_ne_bytes());
-        let flags = if truncated { libc::MSG_TRUNC as u32 } else { 0 };
-        buffer.extend_from_slice(&flags.to_ne_bytes());
-        assert_eq!(buffer.len(), RECVMSG_OUT_LEN);
-        let mut field = name;
-        field.resize(UDP_NAME_LEN, 0);
-        buffer.extend_from_slice(&field);
-        buffer.extend_from_slice(payload);
-        buffer
-    }
-
-    fn template() -> libc::msghdr {
-        // SAFETY: an all-zero msghdr is valid.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_namelen = UDP_NAME_LEN as u32;
-        msg
-    }
-
-    #[test]
-    fn datagrams_come_out_of_recvmsg_buffers_with_their_real_length() {
-        let from: SocketAddr = "10.1.2.3:4567".parse().unwrap();
-        let buffer = recvmsg_buffer(from, b"{\"type\":0}", 10, false);
-        let (addr, received, kept) = datagram(&buffer, &template()).unwrap();
-        assert_eq!(
-            (addr, received, &buffer[kept]),
-            (from, 10, &b"{\"type\":0}"[..])
-        );
-
-        // Longer than the buffer: the kept bytes are cut, the length says how long it was, and
-        // the shard's size check sees the real length.
-        let max = 8;
-        let kept = udp::recv_buffer_len(max);
-        let buffer = recvmsg_buffer(from, &vec![b'x'; kept], 5000, true);
-        let (_, received, bytes) = datagram(&buffer, &template()).unwrap();
-        assert_eq!((received, bytes.len()), (5000, kept));
-        assert_eq!(bytes.end, buffer.len());
-        assert!(udp::decode(received, max).is_err());
-
-        // A buffer too short for the header and name: nothing.
-        assert!(datagram(&buffer[..RECVMSG_OUT_LEN], &template()).is_none());
-    }
-
-    #[test]
-    fn udp_buffers_hold_a_datagram_one_byte_over_the_limit() {
-        let size = udp_buffer_size(2048);
-        assert_eq!(size, RECVMSG_OUT_LEN + UDP_NAME_LEN + 2049);
-    }
-
-    /// The descriptors of a ring, as the kernel would read them: (addr, len, bid).
-    fn descriptors(ring: &BufRing) -> Vec<(u64, u32, u16)> {
-        (0..usize::from(ring.count))
-            .map(|slot| {
-                // SAFETY: slot < count; nothing else accesses the ring in this test.
-                let d = unsafe { &*ring.descriptors.as_ptr().add(slot) };
-                (d.addr(), d.len(), d.bid())
-            })
-            .collect()
-    }
-
-    fn published_tail(ring: &BufRing) -> u16 {
-        // SAFETY: as in `publish`.
-        unsafe { AtomicU16::from_ptr(BufRingEntry::tail(ring.descriptors.as_ptr()).cast_mut()) }
-            .load(Ordering::Acquire)
-    }
-
-    #[test]
-    fn buffer_ring_describes_every_buffer_and_takes_them_back_in_order() {
-        let mut ring = BufRing::new(3, 4, 100).unwrap();
-        let base = ring.buffers.as_ptr() as u64;
-        assert_eq!(published_tail(&ring), 4);
-        assert_eq!(
-            descriptors(&ring),
-            vec![
-                (base, 100, 0),
-                (base + 100, 100, 1),
-                (base + 200, 100, 2),
-                (base + 300, 100, 3)
-            ]
-        );
-        assert_eq!(
-            ring.descriptors.as_ptr() as usize % page_size(),
-            0,
-            "the kernel wants a page-aligned ring"
-        );
-
-        // The kernel took buffers 2 and 0; they come back in the next slots, wrapping around.
-        ring.recycle(2);
-        ring.recycle(0);
-        assert_eq!(published_tail(&ring), 6);
-        let d = descriptors(&ring);
-        assert_eq!((d[0], d[1]), ((base + 200, 100, 2), (base, 100, 0)));
-
-        // Reads stay inside the buffer named, whatever the completion claims.
-        assert_eq!(ring.bytes(1, 1000).len(), 100);
-        assert_eq!(ring.bytes(1, 10).len(), 10);
-        assert!(ring.bytes(4, 10).is_empty());
-        ring.bytes_mut(1, 3).copy_from_slice(b"abc");
-        assert_eq!(ring.bytes(1, 3), b"abc");
-        assert_eq!(ring.bytes_mut(1, 1000).len(), 100);
-        assert!(ring.bytes_mut(4, 10).is_empty());
-        ring.recycle(9); // not a buffer of this ring: ignored
-        assert_eq!(published_tail(&ring), 6);
-    }
-
-    #[test]
-    fn buffer_rings_refuse_sizes_the_kernel_would() {
-        assert!(BufRing::new(0, 3, 64).is_err());
-        assert!(BufRing::new(0, 0, 64).is_err());
-        assert!(BufRing::new(0, 4, 0).is_err());
-        assert!(BufRing::new(0, 32_768, 1).is_ok());
-    }
-
-    #[test]
-    fn wakes_add_to_the_eventfd_counter() {
-        let waker = EventFd::new().unwrap();
-        waker.wake();
-        waker.wake();
-        let mut counter = [0u8; 8];
-        (&waker.0).read_exact(&mut counter).unwrap();
-        assert_eq!(u64::from_ne_bytes(counter), 2);
-    }
-
-    #[test]
-    fn unavailability_is_explained() {
-        let text =
-            |errno, disabled| explain(&io::Error::from_raw_os_error(errno), disabled).to_string();
-        assert!(text(libc::ENOSYS, 0).contains("ENOSYS"));
-        assert!(text(libc::EPERM, 0).contains("seccomp"));
-        assert!(text(libc::EPERM, 1).contains("io_uring_disabled=1"));
-        assert!(text(libc::EINVAL, 0).contains("6.1"));
-        assert!(text(libc::EIO, 0).starts_with("io_uring is unavailable"));
-    }
-
-    /// Tearing down a ring interrupts the threads that used it (see `probe`): the caller of
-    /// `probe` must not have its next blocking call fail with EINTR.
-    #[test]
-    fn probing_does_not_interrupt_the_calling_thread() {
-        if let Err(error) = probe() {
-            eprintln!("skipped: {error}");
-            return;
-        }
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        for _ in 0..4 {
-            let error = socket.recv(&mut [0; 8]).unwrap_err();
-            assert!(
-                matches!(
-                    error.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ),
-                "{error}"
-            );
-        }
-    }
-
-    /// The provided buffer ring end to end, without sockets: an eventfd read that lets the kernel
-    /// pick a buffer.
-    #[test]
-    fn the_kernel_reads_into_a_provided_buffer_and_names_it() {
-        if let Err(error) = probe() {
-            eprintln!("skipped: {error}");
-            return;
-        }
-        let mut ring = build_ring().unwrap();
-        let mut buffers = BufRing::new(5, 2, 8).unwrap();
-        buffers.register(&ring).unwrap();
-        let waker = EventFd::new().unwrap();
-        let read = |ring: &mut IoUring| {
-            waker.wake();
-            let entry = opcode::Read::new(Fd(waker.0.as_raw_fd()), std::ptr::null_mut(), 8)
-                .buf_group(5)
-                .build()
-                .flags(squeue::Flags::BUFFER_SELECT)
-                .user_data(9);
-            // SAFETY: the read writes into the buffer ring, which outlives the ring; we wait for
-            // the completion below.
-            unsafe { ring.submission().push(&entry).unwrap() };
-            ring.submit_and_wait(1).unwrap();
-            let cqe = ring.completion().next().unwrap();
-            assert_eq!((cqe.user_data(), cqe.result()), (9, 8));
-            cqueue::buffer_select(cqe.flags()).unwrap()
-        };
-        let first = read(&mut ring);
-        assert_eq!(buffers.bytes(first, 8), &1u64.to_ne_bytes()[..]);
-        let second = read(&mut ring);
-        assert_ne!(first, second, "a buffer not given back is not reused");
-        buffers.recycle(first);
-        buffers.recycle(second);
-        let third = read(&mut ring);
-        assert_eq!(
-            third, first,
-            "buffers come back in the order they were given back"
-        );
-        drop(ring);
     }
 }
