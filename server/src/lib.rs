@@ -16,6 +16,9 @@
 //!   implements by queueing framed bytes on the connection and writing them once per turn;
 //! * [`hooks`] — the application's extension points (verify, login, logout, C2S/C2C, offline,
 //!   S2C delivered/lost) and the built-in verifiers; [`config`] — the typed settings;
+//! * [`store`] — durable offline queues: the shards submit appends and removals to its
+//!   group-commit writer thread and page reads to its reader threads, and get the answers back
+//!   as mail — no disk access on an event loop;
 //! * [`timer`] — the per-core timer wheel behind session expiry.
 //!
 //! `docs/architecture.md` explains the threading, sharding and timer design.

@@ -231,16 +231,28 @@ fn sender_quota_and_byte_cap_refuse_without_ack() {
             Some(&format!("c{n}")),
         ));
     }
-    let acked = (0..4)
-        .take_while(|_| {
-            matches!(alice.recv_within(Duration::from_secs(2)), Recv::Message(m) if m.kind == Kind::Ack)
-        })
-        .count();
+    // Each is either ACKed (stored) or refused (counted, no ACK): wait until all four are one
+    // or the other.
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked + server.api().stats().0.store.over_capacity < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "{acked} ACKed, the rest not refused"
+        );
+        if let Recv::Message(m) = alice.recv_within(Duration::from_millis(100)) {
+            assert_eq!(m.kind, Kind::Ack);
+            acked += 1;
+        }
+    }
     assert!(
         (1..4).contains(&acked),
         "{acked} of 4 ACKed with a 500-byte cap"
     );
     alice.expect_quiet();
+    let store = server.api().stats().0.store;
+    assert_eq!(store.over_capacity, 4 - acked, "{store:?}");
+    assert!(store.held_bytes <= 500, "{store:?}");
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -358,6 +358,9 @@ pub struct Stats {
     /// The offline store's counters (limits hit, expired, held bytes): carried by core 0's
     /// stats only, so that the merged report counts them once.
     pub store: crate::store::StoreStats,
+    /// Appends and removals the store's writer refused because its queue was full (core 0's
+    /// stats only, like `store`).
+    pub store_busy: u64,
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
@@ -388,6 +391,7 @@ impl Stats {
         self.redrained += other.redrained;
         self.read_busy += other.read_busy;
         self.store.merge(&other.store);
+        self.store_busy += other.store_busy;
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
         self.dedup_evicted += other.dedup_evicted;
@@ -445,7 +449,7 @@ pub struct Shard {
     /// Where relayed messages (C2C, S2C) are encoded, once each: every encoded message is split
     /// off it and frozen, so its allocation is reused once the earlier messages are dropped.
     encoded: BytesMut,
-    /// Users whose stored messages are being delivered, a page at a time.
+    /// Users whose stored messages are being delivered: a window in flight, pages read ahead.
     drains: offline::Drains,
     /// Stored messages delivered and acknowledged whose removal the store may not have
     /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
@@ -549,6 +553,7 @@ impl Shard {
         stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
         if let (0, Some(offline)) = (self.config.core, &self.offline) {
             stats.store = offline.store.stats();
+            stats.store_busy = offline.writer.stats().busy;
         }
         stats
     }

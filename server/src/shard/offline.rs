@@ -89,6 +89,10 @@ pub(super) struct Drain {
     again: bool,
     /// The reader was busy: ask again at the retry timer.
     retry: bool,
+    /// A message it sent was lost (its resends ran out): it is still stored.
+    lost: bool,
+    /// The queue was already read again from the start for lost messages (once per drain).
+    reread: bool,
 }
 
 /// The drains of a shard.
@@ -203,6 +207,11 @@ impl Shard {
     /// again if the recipient is still online, instead of parking it until the next login.
     pub(super) fn store_lost(&mut self, now: Now, item: &Pending, out: &mut dyn Outbox) {
         if item.seq.is_some() {
+            // Still stored: once the drain has sent the rest, it reads its user's queue again
+            // (once), so a recipient who stays online gets it without a new login.
+            if let Some(drain) = self.drains.users.get_mut(&item.to) {
+                drain.lost = true;
+            }
             self.drain_progress(now, &item.to, out);
             return;
         }
@@ -490,7 +499,16 @@ impl Shard {
         }
         let settled = drain.in_flight == 0 && drain.ready.is_empty();
         if settled && !drain.more && !drain.reading && !drain.retry {
-            return;
+            if !drain.lost || drain.reread {
+                return;
+            }
+            // Everything else is settled: what was lost is read again (ACKed messages whose
+            // removal is not committed are filtered by `removing`), once.
+            self.stats.redrained += 1;
+            drain.reread = true;
+            drain.lost = false;
+            drain.read_to = 0;
+            drain.more = true;
         }
         // Read ahead: the next page is on its way while the last window of this one is sent.
         let read_ahead = drain.ready.len() < window && !drain.retry;

@@ -1348,3 +1348,75 @@ fn the_drain_keeps_a_window_in_flight_that_slides_with_each_ack() {
         w.on(0, |shard, now, out| shard.on_closed(now, c, out));
     }
 }
+
+#[test]
+fn a_page_read_for_an_earlier_login_is_not_sent_again() {
+    let store = TestStore::new("generation");
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..3 {
+        w.frame(
+            a,
+            &data("alice", "carol", &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    store.settle(&mut w, 3);
+    store.wait_stored("carol", 3);
+    // Carol logs in twice before either page arrives (a quick re-login): the page read for the
+    // first login is dropped, the second one's is sent, once.
+    let c1 = w.open(0, 2, Transport::Tcp);
+    w.login(c1, "carol", 0);
+    let c2 = w.open(0, 3, Transport::Tcp);
+    w.login(c2, "carol", T0_EPOCH_MS + 1);
+    let got = store.collect(&mut w, conn(c2), 4);
+    std::thread::sleep(Duration::from_millis(50));
+    store.deliver(&mut w);
+    let more = w.take(conn(c2));
+    let texts: Vec<_> = got[1..]
+        .iter()
+        .chain(&more)
+        .filter(|m| m.kind == Kind::CommonData)
+        .map(|m| m.text().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+    assert!(w.take(conn(c1)).iter().all(|m| m.kind != Kind::CommonData));
+}
+
+#[test]
+fn a_stored_message_lost_by_an_online_recipient_is_sent_again_once() {
+    let store = TestStore::new("stored-lost");
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..2 {
+        w.frame(
+            a,
+            &data("alice", "carol", &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    store.settle(&mut w, 2);
+    store.wait_stored("carol", 2);
+    let c = w.open(0, 2, Transport::Tcp);
+    w.login(c, "carol", 0);
+    let got = store.collect(&mut w, conn(c), 3);
+    assert_eq!(got[1].text(), Some("m0"));
+    // Carol ACKs m0 but not m1: one resend, then lost (still stored) ...
+    w.frame(c, &ack("carol", "alice", "fp0"));
+    store.wait_stored("carol", 1);
+    w.advance(Duration::from_secs(11));
+    assert_eq!(w.take(conn(c)).len(), 1, "the reference's single resend");
+    // ... and, carol being still online, read again and sent once more (m0 is not).
+    let again = store.collect(&mut w, conn(c), 1);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].text(), Some("m1"));
+    assert_eq!(w.shards[0].stats().redrained, 1);
+    // Lost again: it waits for the next login (no endless loop).
+    w.advance(Duration::from_secs(11));
+    assert_eq!(w.take(conn(c)).len(), 1, "the resend of the second attempt");
+    std::thread::sleep(Duration::from_millis(50));
+    store.deliver(&mut w);
+    assert!(w.take(conn(c)).is_empty());
+    assert_eq!(w.shards[0].stats().redrained, 1);
+    store.wait_stored("carol", 1);
+}

@@ -276,7 +276,9 @@ fn write_loop(store: &dyn Store, requests: &Receiver<Request>, config: &GroupCon
     let mut msgs = Vec::with_capacity(max_batch);
     let mut dones = Vec::with_capacity(max_batch);
     let mut removals: Vec<Removal> = Vec::new();
-    let mut next_sweep = Instant::now() + config.expire_every;
+    // Never zero: an idle writer must wait for something.
+    let every = config.expire_every.max(Duration::from_millis(1));
+    let mut next_sweep = Instant::now() + every;
     // The last sweep stopped at its chunk: the next one runs at the next turn.
     let mut sweep_more = false;
     loop {
@@ -300,7 +302,7 @@ fn write_loop(store: &dyn Store, requests: &Receiver<Request>, config: &GroupCon
                 tracing::warn!("offline store: the expiry sweep failed");
             }
             if !sweep_more {
-                next_sweep = Instant::now() + config.expire_every;
+                next_sweep = Instant::now() + every;
             }
         }
         let mut taken = 0;
