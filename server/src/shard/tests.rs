@@ -672,7 +672,6 @@ impl TestStore {
         Self {
             dir,
             offline: OfflineStore {
-                store: Arc::clone(&store),
                 writer,
                 reader: Arc::new(
                     crate::store::read::Reader::start_with(Arc::clone(&store), threads, capacity)
