@@ -579,7 +579,6 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     let mesh = Arc::clone(mesh);
     let post: Post = Arc::new(move |core, msg| mesh.post(core, Mail::Shard(msg)));
     Ok(Some(OfflineStore {
-        store,
         writer: Arc::new(writer),
         reader: Arc::new(reader),
         post,

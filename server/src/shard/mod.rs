@@ -355,6 +355,9 @@ pub struct Stats {
     /// Offline page reads refused because the store's reader queue was full (retried on a
     /// timer).
     pub read_busy: u64,
+    /// Messages not stored because the offline store's write queue was full: the sender got
+    /// no ACK (a server message reported lost was not kept).
+    pub store_refused: u64,
     /// The offline store's counters (limits hit, expired, held bytes): carried by core 0's
     /// stats only, so that the merged report counts them once.
     pub store: crate::store::StoreStats,
@@ -380,6 +383,7 @@ impl Stats {
     /// Adds another shard's counters to these.
     pub fn merge(&mut self, other: &Stats) {
         self.messages_in += other.messages_in;
+        self.store_refused += other.store_refused;
         self.logins += other.logins;
         self.logins_refused += other.logins_refused;
         self.delivered += other.delivered;
@@ -552,7 +556,7 @@ impl Shard {
         let bytes = self.resend.bytes() + self.dedup.bytes() + self.c2c_done.bytes();
         stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
         if let (0, Some(offline)) = (self.config.core, &self.offline) {
-            stats.store = offline.store.stats();
+            stats.store = offline.writer.store_stats();
             stats.store_busy = offline.writer.stats().busy;
         }
         stats

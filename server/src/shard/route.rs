@@ -203,7 +203,7 @@ impl Shard {
                 });
                 if self.offline.is_some() && delivery.to.is_some() {
                     // The durable store takes it; the receipt follows its commit.
-                    self.store_offline(now, delivery);
+                    self.store_offline(now, delivery, out);
                     return;
                 }
                 if stored {

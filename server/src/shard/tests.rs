@@ -672,7 +672,6 @@ impl TestStore {
         Self {
             dir,
             offline: OfflineStore {
-                store: Arc::clone(&store),
                 writer,
                 reader: Arc::new(
                     crate::store::read::Reader::start_with(Arc::clone(&store), threads, capacity)
@@ -1419,4 +1418,89 @@ fn a_stored_message_lost_by_an_online_recipient_is_sent_again_once() {
     assert!(w.take(conn(c)).is_empty());
     assert_eq!(w.shards[0].stats().redrained, 1);
     store.wait_stored("carol", 1);
+}
+
+#[test]
+fn a_full_store_queue_refuses_at_once_without_ack() {
+    use crate::store::{Appended, Expired, Removal, Store, StoreError, StoreStats, Stored};
+    /// A store whose appends wait for the test's go-ahead, to hold the writer busy.
+    struct Held(crossbeam_channel::Receiver<()>, Arc<dyn Store>);
+    impl Store for Held {
+        fn append(&self, batch: &[crate::store::Offline]) -> Result<Vec<Appended>, StoreError> {
+            let _ = self.0.recv_timeout(Duration::from_secs(10));
+            self.1.append(batch)
+        }
+        fn pending(&self, to: &str, a: u64, l: usize, n: i64) -> Result<Vec<Stored>, StoreError> {
+            self.1.pending(to, a, l, n)
+        }
+        fn remove(&self, removals: &[Removal]) -> Result<(), StoreError> {
+            self.1.remove(removals)
+        }
+        fn expire(&self, now_ms: i64, max: usize) -> Result<Expired, StoreError> {
+            self.1.expire(now_ms, max)
+        }
+        fn stats(&self) -> StoreStats {
+            self.1.stats()
+        }
+    }
+    let store = TestStore::new("full-queue");
+    let (go, held) = crossbeam_channel::unbounded();
+    let config = crate::store::group::GroupConfig {
+        queue_capacity: 1,
+        clock: || T0_EPOCH_MS,
+        ..Default::default()
+    };
+    let writer = Arc::new(
+        crate::store::group::GroupCommit::start_with(
+            Arc::new(Held(held, Arc::clone(&store.store))),
+            config,
+        )
+        .unwrap(),
+    );
+    let mut offline = store.offline.clone();
+    offline.writer = Arc::clone(&writer);
+    let mut w = World::new(1, Arc::new(Probe::default()));
+    w.shards = w
+        .shards
+        .drain(..)
+        .map(|shard| shard.with_store(offline.clone()))
+        .collect();
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.take(conn(a));
+    // m0 holds the writer, m1 fills the queue, m2 is refused at once.
+    w.frame(a, &data("alice", "carol", "m0", Some("fp0")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while writer.queued() > 0 {
+        assert!(Instant::now() < deadline, "the writer never took m0");
+        std::thread::yield_now();
+    }
+    w.frame(a, &data("alice", "carol", "m1", Some("fp1")));
+    w.frame(a, &data("alice", "carol", "m2", Some("fp2")));
+    assert_eq!(w.shards[0].stats().store_refused, 1);
+    assert_eq!(writer.stats().busy, 1);
+    assert!(
+        w.take(conn(a)).is_empty(),
+        "no ACK before a commit, none for m2"
+    );
+    go.send(()).unwrap();
+    go.send(()).unwrap();
+    // Only m0 and m1 are ACKed (substitute ACKs from carol), once stored.
+    let mut acked = Vec::new();
+    while acked.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "ACKs of the stored messages: {acked:?}"
+        );
+        store.deliver(&mut w);
+        acked.extend(
+            w.take(conn(a))
+                .into_iter()
+                .filter(|m| m.kind == Kind::Ack)
+                .map(|m| m.text().unwrap().to_owned()),
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(acked, ["fp0", "fp1"]);
+    store.wait_stored("carol", 2);
 }
