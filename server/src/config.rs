@@ -102,6 +102,16 @@ pub struct ServerConfig {
     /// Benchmark mode: echo every frame and datagram back to its sender, bypassing the protocol
     /// (see `runtime::Limits::echo`). Never for production.
     pub bench_echo: bool,
+    /// Worker threads of the hook pool, where login verifies run off the event loops.
+    pub hook_threads: usize,
+    /// Jobs each hook worker's queue holds; a verify past it is refused with
+    /// `VERIFY_UNAVAILABLE` (1026), counted `hook_refused`.
+    pub hook_queue: usize,
+    /// How long a login waits for its verify before it is refused with `VERIFY_UNAVAILABLE`.
+    pub verify_timeout: Duration,
+    /// Logins one core may have waiting for their verify; more are refused with
+    /// `VERIFY_UNAVAILABLE`, counted `verify_pending_full`.
+    pub max_pending_verifies: usize,
 }
 
 impl Default for ServerConfig {
@@ -139,6 +149,10 @@ impl Default for ServerConfig {
             udp_unauth_reply_rate: DEFAULT_UDP_UNAUTH_REPLY_RATE,
             limit_loopback: false,
             bench_echo: false,
+            hook_threads: crate::hooks::pool::DEFAULT_HOOK_THREADS,
+            hook_queue: crate::hooks::pool::HOOK_QUEUE_CAPACITY,
+            verify_timeout: crate::shard::DEFAULT_VERIFY_TIMEOUT,
+            max_pending_verifies: crate::shard::DEFAULT_MAX_PENDING_VERIFIES,
         }
     }
 }

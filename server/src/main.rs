@@ -192,6 +192,20 @@ struct Args {
     /// sockets' TCP_USER_TIMEOUT) [default: 10].
     #[arg(long, env = "IMEDGE_WRITE_STALL_TIMEOUT")]
     write_stall_timeout: Option<u64>,
+    /// Worker threads that run the login verify off the event loops [default: 2].
+    #[arg(long, env = "IMEDGE_HOOK_THREADS")]
+    hook_threads: Option<usize>,
+    /// Verifies each hook worker may have queued; past it a login is refused with code 1026
+    /// [default: 1024].
+    #[arg(long, env = "IMEDGE_HOOK_QUEUE")]
+    hook_queue: Option<usize>,
+    /// Seconds a login waits for its verify before it is refused with code 1026 [default: 10].
+    #[arg(long, env = "IMEDGE_VERIFY_TIMEOUT")]
+    verify_timeout: Option<u64>,
+    /// Logins one core may have waiting for their verify; more are refused with code 1026
+    /// [default: 4096].
+    #[arg(long, env = "IMEDGE_MAX_PENDING_VERIFIES")]
+    max_pending_verifies: Option<usize>,
     /// Seconds a TCP/WebSocket connection may stay without logging in [default: 10].
     #[arg(long, env = "IMEDGE_LOGIN_TIMEOUT")]
     login_timeout: Option<u64>,
@@ -251,6 +265,10 @@ struct FileConfig {
     offline_max_age: Option<u64>,
     max_send_buffer: Option<usize>,
     write_stall_timeout: Option<u64>,
+    hook_threads: Option<usize>,
+    hook_queue: Option<usize>,
+    verify_timeout: Option<u64>,
+    max_pending_verifies: Option<usize>,
     login_timeout: Option<u64>,
     max_unauthenticated: Option<usize>,
     max_conns_per_ip: Option<u32>,
@@ -369,6 +387,22 @@ fn main() -> anyhow::Result<()> {
         args.write_stall_timeout.or(file.write_stall_timeout),
         config.write_stall_timeout,
     );
+    if let Some(n) = args.hook_threads.or(file.hook_threads) {
+        config.hook_threads = n;
+    }
+    if let Some(n) = args.hook_queue.or(file.hook_queue) {
+        config.hook_queue = n;
+    }
+    config.verify_timeout = secs(
+        args.verify_timeout.or(file.verify_timeout),
+        config.verify_timeout,
+    );
+    if let Some(n) = args.max_pending_verifies.or(file.max_pending_verifies) {
+        config.max_pending_verifies = n;
+    }
+    if config.hook_threads == 0 || config.hook_queue == 0 {
+        bail!("--hook-threads and --hook-queue must be at least 1");
+    }
     config.login_timeout = secs(
         args.login_timeout.or(file.login_timeout),
         config.login_timeout,

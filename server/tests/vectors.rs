@@ -896,7 +896,8 @@ fn replay_file(file: &'static str) -> Outcome {
     let server = Server::with(config, Arc::clone(&hooks) as Arc<dyn ServerEvents>);
 
     let result = run(&server, transport, &steps);
-    let result = result.and_then(|()| after_replay(file, &hooks));
+    // Notification hooks run on the hook pool, after the wire traffic they follow: poll.
+    let result = result.and_then(|()| settled(|| after_replay(file, &hooks)));
     drop(server);
     result
 }
@@ -1082,6 +1083,18 @@ fn run(server: &Server, transport: T, steps: &[Step]) -> Outcome {
         }
     }
     Ok(())
+}
+
+/// `check`'s verdict once it passes, or its last one after a generous deadline.
+fn settled(check: impl Fn() -> Outcome) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let outcome = check();
+        if outcome.is_ok() || Instant::now() >= deadline {
+            return outcome;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// What the hooks must have seen, per flow: the parts of the reference's behaviour (and of

@@ -296,8 +296,11 @@ impl<S> Outbox for Io<'_, S> {
     }
 
     fn migrate(&mut self, id: ConnId, core: CoreId, login: Adopt) {
-        if let Some((_, conn)) = self.conn(id) {
+        if let Some((index, conn)) = self.conn(id) {
             conn.migrate = Some((core, login));
+            // Outside a frame's handling (a verify answered by mail) nothing else picks the
+            // migration up: the backend's flush carries it out.
+            self.dirty.push(index);
         }
     }
 

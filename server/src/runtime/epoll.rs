@@ -285,7 +285,9 @@ impl EpollCore {
             let Some(conn) = self.base.conns.get_mut(index) else {
                 continue;
             };
-            if conn.migrate.is_some() {
+            if let Some((core, adopt)) = conn.migrate.take() {
+                // Asked for by mail (a verify's answer): the connection leaves now.
+                self.migrate(index, core, adopt);
                 continue;
             }
             if conn.state.aborted {

@@ -35,7 +35,8 @@ use crate::config::{IoBackend, ServerConfig};
 use imedge_protocol::qos::receiver::TRANSIT_MARGIN;
 use imedge_protocol::UserId;
 
-use crate::hooks::{Command, ServerEvents};
+use crate::hooks::pool::HookPool;
+use crate::hooks::{Command, Interests, ServerEvents};
 use crate::shard::{CoreId, Shard, ShardConfig, ShardMsg, Stats};
 use crate::shard::{OfflineStore, Post, Presence};
 use crate::store::group::GroupCommit;
@@ -81,6 +82,8 @@ pub struct ServerHandle {
     pub backend: &'static str,
     /// The offline store's writer, drained after the cores stop.
     store_writer: Option<Arc<GroupCommit>>,
+    /// Where verifies run; its workers are joined after the cores stop.
+    hook_pool: Option<Arc<HookPool>>,
 }
 
 /// The sockets one core listens on, bound by [`start`] and handed to the core's loop.
@@ -256,6 +259,9 @@ impl ServerHandle {
         }
         // The cores are gone (and with them their handles on the writer): what is still queued
         // is committed now, before the process may exit.
+        if let Some(pool) = self.hook_pool {
+            pool.shutdown();
+        }
         if let Some(writer) = self.store_writer {
             match Arc::try_unwrap(writer) {
                 Ok(writer) => writer.shutdown(),
@@ -272,14 +278,14 @@ impl ServerHandle {
 
     /// The sending API for the application, usable from any thread.
     pub fn api(&self) -> ControlApi {
-        ControlApi(Arc::clone(&self.mesh))
+        ControlApi(Arc::clone(&self.mesh), self.hook_pool.clone())
     }
 }
 
 /// The server application's API outside the event loops (SPEC §10: send to a uid, kick a
 /// session, is-online), usable from any thread. Requests travel to the user's core as mail.
 #[derive(Debug, Clone)]
-pub struct ControlApi(Arc<Mesh>);
+pub struct ControlApi(Arc<Mesh>, Option<Arc<HookPool>>);
 
 impl ControlApi {
     fn core_of(&self, uid: &str) -> CoreId {
@@ -339,6 +345,13 @@ impl ControlApi {
         total.0.mail_refused = mesh.refused.load(Ordering::Relaxed);
         total.0.mail_dropped = mesh.dropped.load(Ordering::Relaxed);
         total.0.mail_backlog_peak = mesh.control_backlog_peak.load(Ordering::Relaxed);
+        if let Some(pool) = &self.1 {
+            let hooks = pool.stats();
+            total.0.hook_calls = hooks.calls;
+            total.0.hook_refused = hooks.refused;
+            total.0.hook_dropped = hooks.dropped;
+            total.0.hook_panics = hooks.panics;
+        }
         total
     }
 }
@@ -648,6 +661,21 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         Instant::now(),
     ));
     let presence = Arc::new(Presence::new(cores));
+    // Verifies and notifications run on the hook pool, if the hooks implement any.
+    let hook_pool = if hooks.interests().intersects(Interests::POOLED) {
+        let mesh = Arc::clone(&mesh);
+        let post: Post = Arc::new(move |core, msg| mesh.post(core, Mail::Shard(msg)));
+        let pool = HookPool::new(
+            config.hook_threads,
+            config.hook_queue,
+            Arc::clone(&hooks),
+            post,
+            Arc::clone(&presence),
+        )?;
+        Some(Arc::new(pool))
+    } else {
+        None
+    };
     // One secret for the QoS tables' keys per process, shared by every core.
     let qos_keys = imedge_protocol::qos::QosKeyHasher::random();
     let mut threads = Vec::with_capacity(cores);
@@ -665,6 +693,8 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         shard_config.max_message_bytes = config.max_message_bytes;
         shard_config.session_msg_rate = config.session_msg_rate;
         shard_config.session_msg_burst = config.session_msg_burst;
+        shard_config.verify_timeout = config.verify_timeout;
+        shard_config.max_pending_verifies = config.max_pending_verifies;
         // The window covers the longest a copy can keep coming under this schedule, if longer
         // than the default (a deployment that resends more usually has clients that do too).
         shard_config.dedup = shard_config
@@ -676,6 +706,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         let mesh = Arc::clone(&mesh);
         let offline = offline.clone();
         let presence = Arc::clone(&presence);
+        let hook_pool = hook_pool.clone();
         let admission = Arc::clone(&admission);
         let cpu = cpus.get(core % cpus.len().max(1)).copied();
         let thread = std::thread::Builder::new()
@@ -691,6 +722,9 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
                 if let Some(offline) = offline {
                     shard = shard.with_store(offline);
                 }
+                if let Some(pool) = hook_pool {
+                    shard = shard.with_hook_pool(pool);
+                }
                 prepared.run(core_id, shard, listeners, mesh, (limits, admission), ready)
             })?;
         threads.push(thread);
@@ -704,6 +738,7 @@ pub fn start(config: &ServerConfig, hooks: Arc<dyn ServerEvents>) -> io::Result<
         ws_addr,
         backend: backend.name(),
         store_writer: offline.map(|o| o.writer),
+        hook_pool,
     };
     // Every core reports its set-up (a core that panics drops its sender instead).
     let mut failure = None;

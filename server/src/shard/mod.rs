@@ -18,6 +18,7 @@ mod offline;
 mod presence;
 mod route;
 
+pub use login::{DEFAULT_MAX_PENDING_VERIFIES, DEFAULT_VERIFY_TIMEOUT};
 pub use offline::{OfflineStore, Post, LOGIN_PAGE, STREAM_DRAIN_WINDOW, UDP_DRAIN_WINDOW};
 pub use presence::Presence;
 
@@ -36,7 +37,8 @@ use imedge_protocol::qos::{
 use imedge_protocol::session::Transport;
 use imedge_protocol::{Decoder, Fingerprint, Kind, Message, UserId};
 
-use crate::hooks::{Api, Command, ServerEvents, SessionInfo};
+use crate::hooks::pool::{HookPool, Notice};
+use crate::hooks::{Api, Command, Interests, ServerEvents};
 use crate::timer::{TimerKey, TimerWheel};
 
 /// Room the relay encoding buffer wants before a message is encoded into it: a typical message
@@ -139,6 +141,12 @@ pub struct ShardConfig {
     /// Secret of the QoS tables' compact keys: one per process, drawn at start-up, so a client
     /// cannot choose fingerprints that collide.
     pub qos_keys: QosKeyHasher,
+    /// Logins this core may have waiting for the hook pool's verify at once; past it a login is
+    /// refused with `VERIFY_UNAVAILABLE` (counted `verify_pending_full`).
+    pub max_pending_verifies: usize,
+    /// How long a login waits for its verify before it is refused with `VERIFY_UNAVAILABLE`
+    /// (counted `verify_timeouts`).
+    pub verify_timeout: Duration,
 }
 
 impl ShardConfig {
@@ -157,6 +165,8 @@ impl ShardConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             session_msg_rate: DEFAULT_SESSION_MSG_RATE,
             session_msg_burst: DEFAULT_SESSION_MSG_BURST,
+            max_pending_verifies: DEFAULT_MAX_PENDING_VERIFIES,
+            verify_timeout: DEFAULT_VERIFY_TIMEOUT,
         }
     }
 
@@ -241,6 +251,13 @@ pub enum ShardMsg {
     /// A message lost by the resend table of the receiving shard is now stored: deliver `uid`'s
     /// stored messages again if the user is still online.
     Redrain(UserId<'static>),
+    /// The hook pool's answer to a verify the receiving shard posted.
+    Verified {
+        /// The shard's ticket for the login.
+        ticket: u64,
+        /// The hook's code: 0 accepts the login.
+        code: i32,
+    },
     /// A page of `uid`'s stored messages (after seq `after`) read by the store's reader for
     /// the drain of that `generation`.
     Page {
@@ -259,6 +276,8 @@ enum Timer {
     /// The QoS tables (resend table, de-duplication windows) have something due: their
     /// earliest deadline, kept as one entry of the wheel.
     Qos,
+    /// A login's verify has not answered in time.
+    Verify(u64),
     /// Offline drains whose page request found the store's reader busy ask again.
     DrainRetry,
 }
@@ -375,6 +394,25 @@ pub struct Stats {
     pub mail_dropped: u64,
     /// The most mail any core held back for one target at once; server-wide.
     pub mail_backlog_peak: u64,
+    /// Logins refused at once because `max_pending_verifies` logins were already waiting for
+    /// their verify on this core.
+    pub verify_pending_full: u64,
+    /// Logins refused because their verify did not answer within `verify_timeout`.
+    pub verify_timeouts: u64,
+    /// Verify answers that came after their login was gone (connection closed, timed out).
+    pub verify_stale: u64,
+    /// Frames dropped because they arrived on a session whose login was being verified (a
+    /// data message gets no ACK: its SDK resends it).
+    pub verify_frames_dropped: u64,
+    /// Hook calls run by the hook pool; server-wide, filled in by the control API.
+    pub hook_calls: u64,
+    /// Verifies refused (`VERIFY_UNAVAILABLE`) because the hook pool's queue was full;
+    /// server-wide.
+    pub hook_refused: u64,
+    /// Hook notifications dropped because the hook pool's queue was full; server-wide.
+    pub hook_dropped: u64,
+    /// Hook calls that panicked (a verify is then refused); server-wide.
+    pub hook_panics: u64,
     /// The connection layer's limits hit on this core (filled in by the loop).
     pub conn: crate::runtime::conn::ConnStats,
 }
@@ -401,6 +439,10 @@ impl Stats {
         self.dedup_evicted += other.dedup_evicted;
         self.qos_bytes += other.qos_bytes;
         self.ids_too_long += other.ids_too_long;
+        self.verify_pending_full += other.verify_pending_full;
+        self.verify_timeouts += other.verify_timeouts;
+        self.verify_stale += other.verify_stale;
+        self.verify_frames_dropped += other.verify_frames_dropped;
         self.conn.merge(&other.conn);
     }
 }
@@ -421,6 +463,17 @@ struct Pending {
 pub struct Shard {
     config: ShardConfig,
     hooks: Arc<dyn ServerEvents>,
+    /// What `hooks` implements: the others are neither called nor posted.
+    interests: Interests,
+    /// Where verifies run (without one, inline: embedders' and tests' shards).
+    hook_pool: Option<Arc<HookPool>>,
+    /// Logins waiting for their verify, by ticket.
+    verifying: HashMap<u64, login::Verifying>,
+    /// The ticket of the verify pending on each endpoint: frames arriving there meanwhile are
+    /// dropped.
+    verifying_endpoints: HashMap<Endpoint, u64>,
+    /// Source of verify tickets.
+    next_ticket: u64,
     decoder: Decoder,
     timers: TimerWheel<Timer>,
     sessions: HashMap<Endpoint, Session>,
@@ -495,7 +548,12 @@ impl Shard {
             dedup: QosReceiver::new(config.dedup, now),
             c2c_done: QosReceiver::new(config.dedup, now),
             config,
+            interests: hooks.interests(),
             hooks,
+            hook_pool: None,
+            verifying: HashMap::new(),
+            verifying_endpoints: HashMap::new(),
+            next_ticket: 0,
             decoder: Decoder::new(),
             timers: TimerWheel::new(now),
             sessions: HashMap::new(),
@@ -518,6 +576,12 @@ impl Shard {
     /// Gives the shard a durable offline store (without one, the `on_offline` hook decides).
     pub fn with_store(mut self, offline: OfflineStore) -> Self {
         self.offline = Some(offline);
+        self
+    }
+
+    /// Runs verifies on `pool` (answered by [`ShardMsg::Verified`]) instead of inline.
+    pub fn with_hook_pool(mut self, pool: Arc<HookPool>) -> Self {
+        self.hook_pool = Some(pool);
         self
     }
 
@@ -718,6 +782,7 @@ impl Shard {
             ShardMsg::Delivered(receipt) => self.on_receipt(now, receipt, out),
             ShardMsg::Command(command) => self.run_command(now, command, out),
             ShardMsg::Redrain(uid) => self.redrain(now, &uid, out),
+            ShardMsg::Verified { ticket, code } => self.on_verified(now, ticket, code, out),
             ShardMsg::Page {
                 uid,
                 generation,
@@ -780,6 +845,7 @@ impl Shard {
                     self.qos_timer = None;
                     qos_due = true;
                 }
+                Timer::Verify(ticket) => self.on_verify_timeout(now, ticket, out),
                 Timer::DrainRetry => self.retry_reads(now, out),
             }
         }
@@ -805,8 +871,13 @@ impl Shard {
                 }
                 QosEvent::Lost { item, .. } => {
                     self.stats.lost += 1;
-                    self.hooks
-                        .on_s2c_lost(item.to.as_str(), item.fp.as_str(), &item.json);
+                    if self.interests.contains(Interests::S2C_OUTCOME) {
+                        self.notify(Notice::S2cLost {
+                            to: item.to.clone(),
+                            fp: item.fp.clone(),
+                            json: item.json.clone(),
+                        });
+                    }
                     self.store_lost(now, &item, out);
                 }
             }
@@ -863,6 +934,9 @@ impl Shard {
     /// Forgets a session: unregisters its uid if it is still the user's current session
     /// (calling `on_logout`), and stops its timer (SPEC §5.5).
     fn end_session(&mut self, _now: Now, endpoint: Endpoint, out: &mut dyn Outbox) {
+        if !self.verifying_endpoints.is_empty() {
+            self.cancel_verify(endpoint);
+        }
         let Some(session) = self.sessions.remove(&endpoint) else {
             return;
         };
@@ -879,15 +953,30 @@ impl Shard {
     fn logout_uid(&mut self, uid: &UserId<'static>, endpoint: Endpoint, session: &Session) {
         if self.online.get(uid) == Some(&endpoint) {
             self.set_offline(uid.as_str());
-            self.hooks.on_logout(
-                SessionInfo {
-                    uid: uid.as_str(),
-                    transport: session.transport,
-                    peer: session.peer,
-                },
-                session.kickout_code,
-            );
+            if !self.interests.contains(Interests::LOGOUT) {
+                return;
+            }
+            self.notify(Notice::Logout {
+                uid: uid.clone(),
+                transport: session.transport,
+                peer: session.peer,
+                kickout_code: session.kickout_code,
+            });
         }
+    }
+
+    /// Runs a notification hook: on the hook pool if the shard has one (a full queue drops it,
+    /// counted `hook_dropped`), else here. Only `on_login` asks anything through its `Api`, and
+    /// it runs inline through `register`'s own path.
+    fn notify(&mut self, notice: Notice) {
+        if let Some(pool) = &self.hook_pool {
+            pool.notify(notice);
+            return;
+        }
+        let mut api = self.api();
+        notice.run(&*self.hooks, &mut api);
+        api.commands.clear();
+        self.spare_api = Some(api);
     }
 
     /// Tells the core that receives `addr`'s datagrams to stop forwarding them here.
@@ -910,6 +999,13 @@ impl Shard {
         msg: &Message<'_>,
         out: &mut dyn Outbox,
     ) {
+        if !self.verifying_endpoints.is_empty() && self.verifying_endpoints.contains_key(&endpoint)
+        {
+            // The session's login is being verified: what it sends meanwhile would be handled
+            // under an identity that is about to change. Dropped: no ACK, its SDK resends.
+            self.stats.verify_frames_dropped += 1;
+            return;
+        }
         let logged_in = self.info(endpoint);
         if let Err(error) = msg.check_id_lengths() {
             self.refuse_invalid(now, endpoint, logged_in.is_some(), &error.to_string(), out);
@@ -1055,7 +1151,12 @@ impl Shard {
             return;
         };
         if let Some(item) = self.resend.handle_ack(&self.qos_key(uid.as_str(), fp)) {
-            self.hooks.on_s2c_delivered(uid.as_str(), fp);
+            if self.interests.contains(Interests::S2C_OUTCOME) {
+                self.notify(Notice::S2cDelivered {
+                    to: uid.clone(),
+                    fp: Fingerprint::from(fp.to_owned()),
+                });
+            }
             self.stored_acked(now, &item, out);
         }
     }

@@ -28,6 +28,11 @@ impl Presence {
         }
     }
 
+    /// Number of shards (cores) the table covers.
+    pub fn cores(&self) -> usize {
+        self.shards.len()
+    }
+
     fn set(&self, uid: &str) -> Option<&RwLock<HashSet<Box<str>>>> {
         self.shards
             .get(usize::from(shard_for(uid, self.shards.len())))

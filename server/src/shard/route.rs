@@ -23,7 +23,8 @@ use imedge_protocol::session::Transport;
 use imedge_protocol::{Fingerprint, Message, UserId};
 
 use super::{shard_for, CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg};
-use crate::hooks::{SessionInfo, Undelivered};
+use crate::hooks::pool::Notice;
+use crate::hooks::{Interests, SessionInfo, Undelivered};
 
 /// An encoded message on its way to its recipient's shard.
 #[derive(Debug, Clone)]
@@ -90,7 +91,7 @@ impl Shard {
         let fp = msg.fp.clone().filter(|_| msg.qos);
         if msg.is_c2s() {
             // SPEC §7.1.
-            if !self.hooks.on_c2s_before(&msg, info) {
+            if self.interests.contains(Interests::C2S) && !self.hooks.on_c2s_before(&msg, info) {
                 return;
             }
             if let Some(fp) = &fp {
@@ -102,14 +103,16 @@ impl Shard {
                     return;
                 }
             }
-            let mut api = self.api();
-            self.hooks.on_c2s(&msg, info, &mut api);
-            self.run_hook_commands(now, api, out);
+            if self.interests.contains(Interests::C2S) {
+                let mut api = self.api();
+                self.hooks.on_c2s(&msg, info, &mut api);
+                self.run_hook_commands(now, api, out);
+            }
             return;
         }
 
         // SPEC §7.2.
-        if !self.hooks.on_c2c_before(&msg, info) {
+        if self.interests.contains(Interests::C2C_BEFORE) && !self.hooks.on_c2c_before(&msg, info) {
             return;
         }
         if let Some(fp) = &fp {
@@ -186,22 +189,38 @@ impl Shard {
                 }
                 out.send_json(endpoint, &delivery.json);
                 self.stats.delivered += 1;
-                if !delivery.from.is_server() {
-                    let fp = delivery.fp.as_ref().map(Fingerprint::as_str);
-                    self.hooks
-                        .on_c2c_after(delivery.from.as_str(), to.as_str(), fp);
+                if !delivery.from.is_server() && self.interests.contains(Interests::C2C_AFTER) {
+                    self.notify(Notice::C2cAfter {
+                        from: delivery.from.clone(),
+                        to: to.clone(),
+                        fp: delivery.fp.clone(),
+                    });
                 }
                 Outcome::Delivered
             }
             _ => {
                 self.stats.offline += 1;
-                let stored = self.hooks.on_offline(Undelivered {
-                    from: delivery.from.as_str(),
-                    to: delivery.to.as_ref().map(UserId::as_str),
-                    fp: delivery.fp.as_ref().map(Fingerprint::as_str),
-                    json: &delivery.json,
-                });
-                if self.offline.is_some() && delivery.to.is_some() {
+                let durable = self.offline.is_some() && delivery.to.is_some();
+                let stored = if !self.interests.contains(Interests::OFFLINE) {
+                    false
+                } else if durable {
+                    // The store keeps it whatever the hook says: only a notification.
+                    self.notify(Notice::Offline {
+                        from: delivery.from.clone(),
+                        to: delivery.to.clone(),
+                        fp: delivery.fp.clone(),
+                        json: delivery.json.clone(),
+                    });
+                    false
+                } else {
+                    self.hooks.on_offline(Undelivered {
+                        from: delivery.from.as_str(),
+                        to: delivery.to.as_ref().map(UserId::as_str),
+                        fp: delivery.fp.as_ref().map(Fingerprint::as_str),
+                        json: &delivery.json,
+                    })
+                };
+                if durable {
                     // The durable store takes it; the receipt follows its commit.
                     self.store_offline(now, delivery, out);
                     return;

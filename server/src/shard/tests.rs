@@ -10,7 +10,9 @@ use imedge_protocol::message::payload::{LoginRequest, LoginResponse};
 use imedge_protocol::{Decoder, Kind};
 
 use super::*;
-use crate::hooks::{ServerEvents, TokenTable, Undelivered};
+use crate::hooks::{ServerEvents, SessionInfo, TokenTable, Undelivered};
+
+mod verify;
 
 /// What an outbox was asked to do.
 #[derive(Debug)]

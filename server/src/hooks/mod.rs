@@ -2,11 +2,29 @@
 //! (SPEC §10) as one trait, plus the built-in verifiers.
 //!
 //! # Contract
-//! Hooks run on the core that owns the session, inside its event loop: they must not block
-//! (no disk or network I/O, no locks held for long). Work that needs to wait belongs on another
-//! thread; hand it over through a channel. What a hook wants the server to do (send a message to
-//! a user, kick a session) goes through the [`Api`] it is given and is carried out right after
-//! the hook returns; [`Api::is_online`] answers at once.
+//! With the server's hook pool ([`pool::HookPool`], what [`crate::runtime::start`] sets up)
+//! [`ServerEvents::verify`] and the notifications — [`ServerEvents::on_login`],
+//! [`ServerEvents::on_logout`], [`ServerEvents::on_c2c_after`], [`ServerEvents::on_offline`]
+//! when the built-in store keeps the message anyway, [`ServerEvents::on_s2c_delivered`] and
+//! [`ServerEvents::on_s2c_lost`] — run on worker threads, never on an event loop: they may block
+//! (an HTTP call, a database lookup). The shard posts the login and goes on serving its other
+//! sessions; the verify's answer comes back to it as mail. A verify that cannot run (queue full,
+//! panic, no answer within the verify timeout) refuses the login with [`VERIFY_UNAVAILABLE`]; a
+//! notification the full queue cannot take is dropped and counted.
+//!
+//! [`ServerEvents::on_c2s_before`], [`ServerEvents::on_c2s`], [`ServerEvents::on_c2c_before`]
+//! and `on_offline` without the built-in store decide whether a message is ACKed: they still run
+//! on the core that owns the session, inside its event loop, and must not block (no disk or
+//! network I/O, no locks held for long); hand slow work to another thread through a channel. A
+//! shard built without a pool (an embedder's, the tests') runs every hook inline. What a hook
+//! wants the server to do (send a message to a user, kick a session) goes through the [`Api`] it
+//! is given and is carried out after the hook returns; [`Api::is_online`] answers at once.
+//!
+//! A hook says which callbacks it implements with [`ServerEvents::interests`]: the shard calls
+//! (or posts) only those, so [`AllowAll`] costs nothing on the message path and [`TokenTable`]
+//! only a verify per login.
+
+pub mod pool;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,11 +62,79 @@ pub struct Undelivered<'a> {
     pub json: &'a [u8],
 }
 
+/// Login refusal code when the verify could not be run: the hook pool's queue was full, the hook
+/// panicked, or it did not answer within the verify timeout. The first code after the
+/// framework's reserved range (SPEC §4.2: applications use ≥ 1025) that [`TokenTable`] does not
+/// use: the client may retry later, its credentials were not judged.
+pub const VERIFY_UNAVAILABLE: i32 = 1026;
+
+/// Which callbacks of [`ServerEvents`] a hook implements, so that the shard calls or posts only
+/// those. A set of bits; combine with `|`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Interests(u32);
+
+impl Interests {
+    /// None: every callback is the default no-op.
+    pub const NONE: Self = Self(0);
+    /// [`ServerEvents::verify`].
+    pub const VERIFY: Self = Self(1);
+    /// [`ServerEvents::on_login`].
+    pub const LOGIN: Self = Self(1 << 1);
+    /// [`ServerEvents::on_logout`].
+    pub const LOGOUT: Self = Self(1 << 2);
+    /// [`ServerEvents::on_c2s_before`] and [`ServerEvents::on_c2s`].
+    pub const C2S: Self = Self(1 << 3);
+    /// [`ServerEvents::on_c2c_before`].
+    pub const C2C_BEFORE: Self = Self(1 << 4);
+    /// [`ServerEvents::on_c2c_after`].
+    pub const C2C_AFTER: Self = Self(1 << 5);
+    /// [`ServerEvents::on_offline`].
+    pub const OFFLINE: Self = Self(1 << 6);
+    /// [`ServerEvents::on_s2c_lost`] and [`ServerEvents::on_s2c_delivered`].
+    pub const S2C_OUTCOME: Self = Self(1 << 7);
+    /// Every callback (the default: a hook that does not say is called for everything).
+    pub const ALL: Self = Self((1 << 8) - 1);
+
+    /// What runs on the hook pool ([`pool::HookPool`]) when the server has one: verify and
+    /// the notifications. `C2S` and `C2C_BEFORE` decide a message's ACK and still run inline.
+    pub const POOLED: Self = Self(
+        Self::VERIFY.0
+            | Self::LOGIN.0
+            | Self::LOGOUT.0
+            | Self::C2C_AFTER.0
+            | Self::OFFLINE.0
+            | Self::S2C_OUTCOME.0,
+    );
+
+    /// Whether any bit of `other` is set.
+    pub const fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Whether every bit of `other` is set.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for Interests {
+    type Output = Self;
+    fn bitor(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+}
+
 /// The server application's callbacks (SPEC §10). Every method has a no-op default: the
 /// defaults behave like the reference's demo (everyone may log in, nothing is stored offline).
 pub trait ServerEvents: Send + Sync + 'static {
+    /// The callbacks this hook implements; the others are not called. Default: all of them.
+    fn interests(&self) -> Interests {
+        Interests::ALL
+    }
     /// `onUserLoginVerify`: 0 accepts the login, anything else refuses it and is sent to the
     /// client as the `code` (applications use codes ≥ 1025). The token must never be logged.
+    /// Runs on a hook worker thread (see the module's contract): it may block, and a panic
+    /// refuses the login with [`VERIFY_UNAVAILABLE`].
     fn verify(&self, login: &LoginRequest<'_>, session: SessionInfo<'_>) -> i32 {
         let _ = (login, session);
         0
@@ -168,7 +254,11 @@ impl Api {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AllowAll;
 
-impl ServerEvents for AllowAll {}
+impl ServerEvents for AllowAll {
+    fn interests(&self) -> Interests {
+        Interests::NONE
+    }
+}
 
 /// Refusal code of [`TokenTable`] for an unknown uid or a wrong token.
 pub const TOKEN_REFUSED: i32 = 1025;
@@ -236,15 +326,32 @@ impl TokenTable {
 }
 
 impl ServerEvents for TokenTable {
+    fn interests(&self) -> Interests {
+        Interests::VERIFY
+    }
+
     fn verify(&self, login: &LoginRequest<'_>, _session: SessionInfo<'_>) -> i32 {
         match (
             self.tokens.get(login.user_id.as_str()),
             login.token.as_deref(),
         ) {
-            (Some(expected), Some(given)) if expected == given => 0,
+            (Some(expected), Some(given)) if constant_time_eq(expected, given) => 0,
             _ => TOKEN_REFUSED,
         }
     }
+}
+
+/// Compares two secrets in a time that depends only on their lengths, not on where they first
+/// differ (a byte-by-byte `==` stops early, which lets a client guess a token a byte at a time
+/// by timing the refusals).
+fn constant_time_eq(expected: &str, given: &str) -> bool {
+    let (a, b) = (expected.as_bytes(), given.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // Keeps the optimiser from turning the fold back into an early exit.
+    std::hint::black_box(diff) == 0
 }
 
 #[cfg(test)]
@@ -285,5 +392,26 @@ mod tests {
         assert!(!format!("{table:?}").contains("s3cret"));
         assert!(TokenTable::parse("alice").is_err());
         assert!(TokenTable::parse("alice a b").is_err());
+        assert_eq!(table.interests(), Interests::VERIFY);
+        assert_eq!(AllowAll.interests(), Interests::NONE);
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_secrets() {
+        assert!(constant_time_eq("s3cret", "s3cret"));
+        assert!(!constant_time_eq("s3cret", "s3creT"));
+        assert!(!constant_time_eq("s3cret", "s3cre"));
+        assert!(!constant_time_eq("", "x"));
+        assert!(constant_time_eq("", ""));
+    }
+
+    #[test]
+    fn interests_combine() {
+        let set = Interests::VERIFY | Interests::LOGOUT;
+        assert!(set.contains(Interests::VERIFY));
+        assert!(!set.contains(Interests::LOGIN));
+        assert!(Interests::ALL.contains(set));
+        assert!(Interests::ALL.contains(Interests::S2C_OUTCOME));
+        assert!(!Interests::NONE.contains(Interests::VERIFY));
     }
 }
