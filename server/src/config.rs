@@ -74,7 +74,8 @@ pub struct ServerConfig {
     pub offline_max_per_sender: usize,
     /// Most bytes the offline store holds; more is refused (no ACK) and counted.
     pub offline_max_bytes: u64,
-    /// Stored messages older than this are dropped at delivery time, and counted.
+    /// Stored messages older than this are never delivered: the store writer sweeps them out
+    /// (every minute) and counts them.
     pub offline_max_age: Duration,
     /// Most bytes a TCP or WebSocket connection may leave unsent; a slow consumer past it is
     /// disconnected (its unacknowledged QoS messages take the lost path to the offline store).

@@ -17,6 +17,9 @@
 //! * [`hooks`] — the application's extension points (verify, login, logout, C2S/C2C, offline,
 //!   S2C delivered/lost) and the built-in verifiers; verifies and notifications run on the hook
 //!   pool ([`hooks::pool`]) and answer the shard by mail; [`config`] — the typed settings;
+//! * [`store`] — durable offline queues: the shards submit appends and removals to its
+//!   group-commit writer thread and page reads to its reader threads, and get the answers back
+//!   as mail — no disk access on an event loop;
 //! * [`timer`] — the per-core timer wheel behind session expiry.
 //!
 //! `docs/architecture.md` explains the threading, sharding and timer design.

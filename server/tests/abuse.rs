@@ -2,8 +2,8 @@
 //! be read from /proc) is fed what a hostile or broken client sends — malformed frames, lengths
 //! announcing 2 GiB, invalid UTF-8, deeply nested JSON, unknown types, binary and oversize
 //! WebSocket frames, wrong paths, a client that sends without ever reading, thousands of idle
-//! unauthenticated sockets, a storm of logins — while two well-behaved clients keep exchanging
-//! QoS messages. Every wait is bounded; memory is compared with generous bounds (the measured
+//! unauthenticated sockets, a storm of logins, a sender flooding invented recipients — while two
+//! well-behaved clients keep exchanging QoS messages. Every wait is bounded; memory is compared with generous bounds (the measured
 //! figures are in BENCHMARKS.md: run with `--nocapture` to see them).
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -325,9 +325,24 @@ fn a_client_that_sends_without_reading_cannot_grow_server_memory() {
     assert!(spawned.alive());
 }
 
+/// Counts the sockets the server has closed (end of stream or reset), without waiting.
+fn closed_by_server(sockets: &[TcpStream]) -> usize {
+    use std::io::Read;
+    let mut buf = [0u8; 1024];
+    sockets
+        .iter()
+        .filter(|&s| match { s }.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != ErrorKind::WouldBlock,
+        })
+        .count()
+}
+
 #[test]
-fn ten_thousand_idle_unauthenticated_sockets_leave_the_server_serving() {
-    let mut spawned = Spawned::start(&[]);
+fn ten_thousand_idle_unauthenticated_sockets_are_capped_then_timed_out() {
+    // The defaults' global cap (8192 connections not logged in) and a short login deadline.
+    let mut spawned = Spawned::start(&["--login-timeout", "3"]);
     let mut bystanders = Bystanders::new(&spawned.server);
     let before = spawned.rss_kib();
     let mut idle = Vec::new();
@@ -344,13 +359,30 @@ fn ten_thousand_idle_unauthenticated_sockets_leave_the_server_serving() {
     assert_eq!(idle.len(), 10_000);
     bystanders.exchange();
     let after = spawned.rss_kib();
+    for s in &idle {
+        s.set_nonblocking(true).unwrap();
+    }
+    // Past the cap (8192), the server closed the newcomers at once.
+    let early = closed_by_server(&idle);
     eprintln!(
-        "10,000 idle unauthenticated TCP sockets: server RSS {} MiB before, {} MiB after",
+        "10,000 idle unauthenticated TCP sockets: server RSS {} MiB before, {} MiB after; {early} closed at once",
         before >> 10,
         after >> 10
     );
+    assert!(early >= 10_000 - 8192, "only {early} refused past the cap");
     // A few KiB per connection at most (kernel socket memory is not in RSS).
     assert!(after < before + 10_000 * 8, "{before} KiB → {after} KiB");
+    // The login deadline closes the rest; the logged-in bystanders stay.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let closed = closed_by_server(&idle);
+        if closed == idle.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{closed} of 10,000 closed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bystanders.exchange();
     assert!(spawned.alive());
 }
 
@@ -405,6 +437,51 @@ fn a_storm_of_twenty_thousand_logins_is_answered() {
     let after = spawned.rss_kib();
     eprintln!(
         "20,000 UDP logins: server RSS {} MiB before, {} MiB after",
+        before >> 10,
+        after >> 10
+    );
+    assert!(spawned.alive());
+}
+
+#[test]
+fn a_sender_flooding_invented_recipients_is_held_to_its_store_quota() {
+    // The per-session rate limit would stop the flood first; off here, to reach the store.
+    let mut spawned = Spawned::start(&["--session-msg-rate", "0"]);
+    let mut bystanders = Bystanders::new(&spawned.server);
+    let before = spawned.rss_kib();
+    let mut flooder = spawned.server.connect(T::Tcp);
+    flooder.login("flooder");
+    // 1,500 QoS messages to users who do not exist (never online): each would be stored.
+    let mut acked = 0;
+    for i in 0..1_500 {
+        flooder.send(&data(
+            "flooder",
+            &format!("nobody-{i}"),
+            "x",
+            Some(&format!("f{i}")),
+        ));
+        while let Recv::Message(m) = flooder.recv_within(Duration::from_millis(0)) {
+            acked += usize::from(m.kind == Kind::Ack);
+        }
+    }
+    // Every ACK means "stored"; past the default quota of 1,000 per sender nothing is stored
+    // and nothing is acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked < 1_000 {
+        assert!(Instant::now() < deadline, "{acked} ACKs");
+        if let Recv::Message(m) = flooder.recv_within(Duration::from_secs(1)) {
+            acked += usize::from(m.kind == Kind::Ack);
+        }
+    }
+    // ... and no more.
+    while let Recv::Message(m) = flooder.recv_within(Duration::from_secs(2)) {
+        acked += usize::from(m.kind == Kind::Ack);
+    }
+    assert_eq!(acked, 1_000);
+    bystanders.exchange();
+    let after = spawned.rss_kib();
+    eprintln!(
+        "1,500 messages to invented users: {acked} stored and acknowledged; server RSS {} MiB before, {} MiB after",
         before >> 10,
         after >> 10
     );

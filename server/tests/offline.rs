@@ -231,16 +231,28 @@ fn sender_quota_and_byte_cap_refuse_without_ack() {
             Some(&format!("c{n}")),
         ));
     }
-    let acked = (0..4)
-        .take_while(|_| {
-            matches!(alice.recv_within(Duration::from_secs(2)), Recv::Message(m) if m.kind == Kind::Ack)
-        })
-        .count();
+    // Each is either ACKed (stored) or refused (counted, no ACK): wait until all four are one
+    // or the other.
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked + server.api().stats().0.store.over_capacity < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "{acked} ACKed, the rest not refused"
+        );
+        if let Recv::Message(m) = alice.recv_within(Duration::from_millis(100)) {
+            assert_eq!(m.kind, Kind::Ack);
+            acked += 1;
+        }
+    }
     assert!(
         (1..4).contains(&acked),
         "{acked} of 4 ACKed with a 500-byte cap"
     );
     alice.expect_quiet();
+    let store = server.api().stats().0.store;
+    assert_eq!(store.over_capacity, 4 - acked, "{store:?}");
+    assert!(store.held_bytes <= 500, "{store:?}");
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -296,22 +308,26 @@ fn drain_all(server: &Server, t: T, uid: &str, n: usize) -> Duration {
     start.elapsed()
 }
 
-/// A backlog of 10,000 stored messages reaches a UDP and a TCP client: the drain keeps a
-/// window in flight that slides with each ACK, so the UDP client's receive buffer is never
-/// overrun (no message waits for a resend timer). Run with `--nocapture` for the times
-/// (BENCHMARKS.md).
+/// A backlog of stored messages (4,000 here, so that storing them — one fsync per group commit —
+/// stays well inside the test's time bound on a loaded 2-core machine; `IMEDGE_DRAIN_BACKLOG=10000`
+/// for the figure) reaches a UDP and a TCP client: the drain keeps a window in flight that
+/// slides with each ACK, so the UDP client's receive buffer is never overrun (no message waits for
+/// a resend timer). Run with `--nocapture` for the times (BENCHMARKS.md).
 #[test]
-fn ten_thousand_stored_messages_reach_udp_and_tcp_clients() {
-    const N: usize = 10_000;
+fn a_stored_backlog_reaches_udp_and_tcp_clients() {
+    let n: usize = std::env::var("IMEDGE_DRAIN_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4_000);
     let dir = temp_dir("offline-10k");
     let mut cfg = with_store(2, &dir);
-    cfg.offline_max_per_sender = 4 * N;
+    cfg.offline_max_per_sender = 4 * n;
     let server = Server::with(cfg, Arc::new(AllowAll));
     for t in [T::Udp, T::Tcp] {
         let uid = format!("backlog-{t:?}");
-        store_n(&server, "alice", &uid, N);
-        let took = drain_all(&server, t, &uid, N);
-        eprintln!("drain of {N} stored messages over {t:?}: {took:.2?}");
+        store_n(&server, "alice", &uid, n);
+        let took = drain_all(&server, t, &uid, n);
+        eprintln!("drain of {n} stored messages over {t:?}: {took:.2?}");
     }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);

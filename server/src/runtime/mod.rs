@@ -558,10 +558,25 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
         max_per_sender: config.offline_max_per_sender,
         max_bytes: config.offline_max_bytes,
     };
-    let store: Arc<dyn Store> = Arc::new(
-        RedbStore::open(&config.data_dir, limits)
-            .map_err(|e| io::Error::other(format!("offline store: {e}")))?,
-    );
+    // A run killed a moment ago may still hold the file's lock until it has fully exited, as it
+    // may still hold its ports (`claim`): wait for it, bounded and logged, rather than fail.
+    let started = Instant::now();
+    let store: Arc<dyn Store> = loop {
+        match RedbStore::open(&config.data_dir, limits) {
+            Ok(store) => break Arc::new(store),
+            Err(e) if RedbStore::is_locked(&e) && started.elapsed() < ORPHAN_WAIT => {
+                if started.elapsed() < ORPHAN_POLL {
+                    tracing::warn!(
+                        dir = %config.data_dir.display(),
+                        max_wait_ms = ORPHAN_WAIT.as_millis() as u64,
+                        "offline store locked by another process (a killed run still exiting?): waiting"
+                    );
+                }
+                std::thread::sleep(ORPHAN_POLL);
+            }
+            Err(e) => return Err(io::Error::other(format!("offline store: {e}"))),
+        }
+    };
     let writer = GroupCommit::start(Arc::clone(&store))
         .map_err(|e| io::Error::other(format!("offline store: {e}")))?;
     let reader = crate::store::read::Reader::start(Arc::clone(&store))
@@ -577,7 +592,6 @@ fn open_store(config: &ServerConfig, mesh: &Arc<Mesh>) -> io::Result<Option<Offl
     let mesh = Arc::clone(mesh);
     let post: Post = Arc::new(move |core, msg| mesh.post(core, Mail::Shard(msg)));
     Ok(Some(OfflineStore {
-        store,
         writer: Arc::new(writer),
         reader: Arc::new(reader),
         post,

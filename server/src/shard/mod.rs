@@ -386,9 +386,15 @@ pub struct Stats {
     /// Offline page reads refused because the store's reader queue was full (retried on a
     /// timer).
     pub read_busy: u64,
+    /// Messages not stored because the offline store's write queue was full: the sender got
+    /// no ACK (a server message reported lost was not kept).
+    pub store_refused: u64,
     /// The offline store's counters (limits hit, expired, held bytes): carried by core 0's
     /// stats only, so that the merged report counts them once.
     pub store: crate::store::StoreStats,
+    /// Appends and removals the store's writer refused because its queue was full (core 0's
+    /// stats only, like `store`).
+    pub store_busy: u64,
     /// Messages and logins refused because an id (`from`, `to`, `fp`, `loginUserId`) was longer
     /// than `MAX_USER_ID_LEN` / `MAX_FINGERPRINT_LEN`.
     pub ids_too_long: u64,
@@ -433,6 +439,7 @@ impl Stats {
     /// Adds another shard's counters to these.
     pub fn merge(&mut self, other: &Stats) {
         self.messages_in += other.messages_in;
+        self.store_refused += other.store_refused;
         self.logins += other.logins;
         self.logins_refused += other.logins_refused;
         self.delivered += other.delivered;
@@ -444,6 +451,7 @@ impl Stats {
         self.redrained += other.redrained;
         self.read_busy += other.read_busy;
         self.store.merge(&other.store);
+        self.store_busy += other.store_busy;
         self.too_large += other.too_large;
         self.rate_limited += other.rate_limited;
         self.dedup_evicted += other.dedup_evicted;
@@ -520,7 +528,7 @@ pub struct Shard {
     /// Where relayed messages (C2C, S2C) are encoded, once each: every encoded message is split
     /// off it and frozen, so its allocation is reused once the earlier messages are dropped.
     encoded: BytesMut,
-    /// Users whose stored messages are being delivered, a page at a time.
+    /// Users whose stored messages are being delivered: a window in flight, pages read ahead.
     drains: offline::Drains,
     /// Stored messages delivered and acknowledged whose removal the store may not have
     /// committed yet: a page read meanwhile (a quick re-login) must not send them again.
@@ -635,7 +643,8 @@ impl Shard {
         let bytes = self.resend.bytes() + self.dedup.bytes() + self.c2c_done.bytes();
         stats.qos_bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
         if let (0, Some(offline)) = (self.config.core, &self.offline) {
-            stats.store = offline.store.stats();
+            stats.store = offline.writer.store_stats();
+            stats.store_busy = offline.writer.stats().busy;
         }
         stats
     }

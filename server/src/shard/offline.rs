@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use imedge_protocol::session::Transport;
 use imedge_protocol::{Fingerprint, UserId};
 
-use super::route::{Delivery, Outcome};
+use super::route::{Delivery, Outcome, Receipt};
 use super::{CoreId, Endpoint, Now, Outbox, Pending, Shard, ShardMsg, Timer};
 use crate::store::read::Reader;
-use crate::store::{group::GroupCommit, Offline, Store, StoreError, Stored};
+use crate::store::{group::GroupCommit, Offline, StoreError, Stored};
 
 /// Stored messages read per page (one request to the [`Reader`]). A page is held in memory
 /// until sent, so it is bounded; large enough that a TCP window's worth is one read.
@@ -51,12 +51,11 @@ pub const READ_RETRY: Duration = Duration::from_millis(50);
 /// Posts mail to a core from any thread (the store writer's callbacks use it).
 pub type Post = Arc<dyn Fn(CoreId, ShardMsg) + Send + Sync>;
 
-/// The durable store as a shard sees it.
+/// The durable store as a shard sees it: two queues that never block and the way back. No
+/// store handle: an event loop cannot touch the disk, not even at shutdown.
 #[derive(Clone)]
 pub struct OfflineStore {
-    /// The store itself: only the shutdown path (which may block) writes to it directly.
-    pub store: Arc<dyn Store>,
-    /// Durable appends (group commit), removals and the expiry sweep.
+    /// Durable appends (group commit), removals, the expiry sweep, shutdown hand-overs.
     pub writer: Arc<GroupCommit>,
     /// Reads pages of stored messages off the event loop.
     pub reader: Arc<Reader>,
@@ -89,6 +88,10 @@ pub(super) struct Drain {
     again: bool,
     /// The reader was busy: ask again at the retry timer.
     retry: bool,
+    /// A message it sent was lost (its resends ran out): it is still stored.
+    lost: bool,
+    /// The queue was already read again from the start for lost messages (once per drain).
+    reread: bool,
 }
 
 /// The drains of a shard.
@@ -150,8 +153,15 @@ impl Removing {
 
 impl Shard {
     /// Stores a message whose recipient is not online. The sender's receipt (if it wants one)
-    /// is posted from the store's callback, after the commit.
-    pub(super) fn store_offline(&mut self, now: Now, delivery: Delivery) -> bool {
+    /// is posted from the store's callback, after the commit. If the writer's queue is full the
+    /// message is not stored and the (negative: no ACK) receipt goes out at once through the
+    /// outbox — nothing runs a callback or posts mail from the loop.
+    pub(super) fn store_offline(
+        &mut self,
+        now: Now,
+        delivery: Delivery,
+        out: &mut dyn Outbox,
+    ) -> bool {
         let (Some(offline), Some(to)) = (&self.offline, &delivery.to) else {
             return false;
         };
@@ -166,7 +176,7 @@ impl Shard {
         let receipt = match (delivery.reply_to, delivery.qos, delivery.fp) {
             (Some(core), true, Some(fp)) => Some((
                 core,
-                super::route::Receipt {
+                Receipt {
                     from: delivery.from,
                     to: delivery.to,
                     fp,
@@ -177,7 +187,8 @@ impl Shard {
             _ => None,
         };
         let post = Arc::clone(&offline.post);
-        offline.writer.submit(
+        let answer = receipt.clone();
+        let submitted = offline.writer.try_submit(
             record,
             Box::new(move |result| {
                 let durable = result.as_ref().is_ok_and(|a| a.is_durable());
@@ -185,7 +196,7 @@ impl Shard {
                     // Per message, so debug only: the writer counts busy and failed requests.
                     tracing::debug!(%error, "offline message not stored; the sender gets no ACK");
                 }
-                if let Some((core, mut receipt)) = receipt {
+                if let Some((core, mut receipt)) = answer {
                     receipt.outcome = if durable {
                         Outcome::Stored
                     } else {
@@ -195,6 +206,18 @@ impl Shard {
                 }
             }),
         );
+        if submitted.is_err() {
+            // Not stored: no ACK (the sender's resend is the retry), counted by the writer
+            // (`busy`) and here.
+            self.stats.store_refused += 1;
+            if let Some((core, receipt)) = receipt {
+                if core == self.config.core {
+                    self.on_receipt(now, receipt, out);
+                } else {
+                    out.mail(core, ShardMsg::Delivered(receipt));
+                }
+            }
+        }
         true
     }
 
@@ -203,6 +226,11 @@ impl Shard {
     /// again if the recipient is still online, instead of parking it until the next login.
     pub(super) fn store_lost(&mut self, now: Now, item: &Pending, out: &mut dyn Outbox) {
         if item.seq.is_some() {
+            // Still stored: once the drain has sent the rest, it reads its user's queue again
+            // (once), so a recipient who stays online gets it without a new login.
+            if let Some(drain) = self.drains.users.get_mut(&item.to) {
+                drain.lost = true;
+            }
             self.drain_progress(now, &item.to, out);
             return;
         }
@@ -218,7 +246,7 @@ impl Shard {
             sender_acked: true,
         };
         let (post, core, uid) = (Arc::clone(&offline.post), self.config.core, item.to.clone());
-        offline.writer.submit(
+        let submitted = offline.writer.try_submit(
             record,
             Box::new(move |result| match result {
                 Ok(appended) if appended.is_durable() => post(core, ShardMsg::Redrain(uid)),
@@ -226,6 +254,10 @@ impl Shard {
                 Err(error) => tracing::debug!(%error, "lost real-time message not stored"),
             }),
         );
+        if submitted.is_err() {
+            self.stats.store_refused += 1;
+            tracing::debug!("lost real-time message not stored: the store's queue is full");
+        }
     }
 
     /// A lost message of `uid` was stored: if `uid` is online, send the stored messages again —
@@ -390,9 +422,11 @@ impl Shard {
         self.pump(now, uid, out);
     }
 
-    /// Shutdown: everything still waiting for an ACK in the resend table is stored, so that it
-    /// is delivered after the restart (messages that came from the store are still there).
-    /// Blocks until the store has committed it.
+    /// Shutdown: everything still waiting for an ACK in the resend table is handed to the
+    /// store's writer (on its own lane, which a full append queue does not refuse), so that it
+    /// is delivered after the restart (messages that came from the store are still there). Does
+    /// not block the loop: the runtime shuts the writer down after the cores, and the writer
+    /// stores every hand-over before it exits.
     pub fn store_pending_for_shutdown(&mut self, now: Now) {
         let Some(offline) = &self.offline else {
             return;
@@ -413,15 +447,21 @@ impl Shard {
         if records.is_empty() {
             return;
         }
-        match offline.store.append(&records) {
-            Ok(_) => tracing::info!(
-                messages = records.len(),
-                "unacknowledged messages stored for the next login"
-            ),
-            Err(error) => {
-                tracing::error!(%error, messages = records.len(), "could not store unacknowledged messages at shutdown")
-            }
-        }
+        let n = records.len();
+        offline.writer.hand_over(
+            records,
+            Box::new(move |result| match result {
+                Ok(_) => tracing::info!(
+                    messages = n,
+                    "unacknowledged messages stored for the next login"
+                ),
+                Err(error) => tracing::error!(
+                    %error,
+                    messages = n,
+                    "could not store unacknowledged messages at shutdown"
+                ),
+            }),
+        );
     }
 
     /// Sends what the window allows of `uid`'s drain, reads ahead, and ends the drain once
@@ -490,7 +530,16 @@ impl Shard {
         }
         let settled = drain.in_flight == 0 && drain.ready.is_empty();
         if settled && !drain.more && !drain.reading && !drain.retry {
-            return;
+            if !drain.lost || drain.reread {
+                return;
+            }
+            // Everything else is settled: what was lost is read again (ACKed messages whose
+            // removal is not committed are filtered by `removing`), once.
+            self.stats.redrained += 1;
+            drain.reread = true;
+            drain.lost = false;
+            drain.read_to = 0;
+            drain.more = true;
         }
         // Read ahead: the next page is on its way while the last window of this one is sent.
         let read_ahead = drain.ready.len() < window && !drain.retry;
@@ -504,6 +553,42 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 9: no disk access on an event loop. The shard's code (everything but its tests)
+    /// holds no store handle and calls no store method: it has only the writer's and the
+    /// reader's queues.
+    #[test]
+    fn the_shard_holds_no_store_handle() {
+        let files = [
+            ("mod.rs", include_str!("mod.rs")),
+            ("offline.rs", include_str!("offline.rs")),
+            ("route.rs", include_str!("route.rs")),
+            ("login.rs", include_str!("login.rs")),
+            ("presence.rs", include_str!("presence.rs")),
+        ];
+        for (name, source) in files {
+            let code = source.split("#[cfg(test)]").next().unwrap();
+            for needle in [
+                "dyn Store",
+                "RedbStore",
+                ".pending(",
+                ".append(&",
+                ".expire(",
+            ] {
+                assert!(!code.contains(needle), "shard/{name} uses `{needle}`");
+            }
+        }
+    }
+
+    /// Does not compile if a field (say, a store handle) is added to [`OfflineStore`].
+    #[allow(dead_code)]
+    fn offline_store_fields(offline: OfflineStore) {
+        let OfflineStore {
+            writer: _,
+            reader: _,
+            post: _,
+        } = offline;
+    }
 
     #[test]
     fn removals_are_filtered_until_a_page_shows_them_gone() {

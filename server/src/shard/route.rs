@@ -230,7 +230,7 @@ impl Shard {
                 };
                 if durable {
                     // The durable store takes it; the receipt follows its commit.
-                    self.store_offline(now, delivery);
+                    self.store_offline(now, delivery, out);
                     return;
                 }
                 if stored {

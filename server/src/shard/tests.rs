@@ -674,7 +674,6 @@ impl TestStore {
         Self {
             dir,
             offline: OfflineStore {
-                store: Arc::clone(&store),
                 writer,
                 reader: Arc::new(
                     crate::store::read::Reader::start_with(Arc::clone(&store), threads, capacity)
@@ -1349,4 +1348,161 @@ fn the_drain_keeps_a_window_in_flight_that_slides_with_each_ack() {
         store.wait_stored("carol", 0);
         w.on(0, |shard, now, out| shard.on_closed(now, c, out));
     }
+}
+
+#[test]
+fn a_page_read_for_an_earlier_login_is_not_sent_again() {
+    let store = TestStore::new("generation");
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..3 {
+        w.frame(
+            a,
+            &data("alice", "carol", &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    store.settle(&mut w, 3);
+    store.wait_stored("carol", 3);
+    // Carol logs in twice before either page arrives (a quick re-login): the page read for the
+    // first login is dropped, the second one's is sent, once.
+    let c1 = w.open(0, 2, Transport::Tcp);
+    w.login(c1, "carol", 0);
+    let c2 = w.open(0, 3, Transport::Tcp);
+    w.login(c2, "carol", T0_EPOCH_MS + 1);
+    let got = store.collect(&mut w, conn(c2), 4);
+    std::thread::sleep(Duration::from_millis(50));
+    store.deliver(&mut w);
+    let more = w.take(conn(c2));
+    let texts: Vec<_> = got[1..]
+        .iter()
+        .chain(&more)
+        .filter(|m| m.kind == Kind::CommonData)
+        .map(|m| m.text().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+    assert!(w.take(conn(c1)).iter().all(|m| m.kind != Kind::CommonData));
+}
+
+#[test]
+fn a_stored_message_lost_by_an_online_recipient_is_sent_again_once() {
+    let store = TestStore::new("stored-lost");
+    let mut w = world_with_store(1, &store);
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    for i in 0..2 {
+        w.frame(
+            a,
+            &data("alice", "carol", &format!("m{i}"), Some(&format!("fp{i}"))),
+        );
+    }
+    store.settle(&mut w, 2);
+    store.wait_stored("carol", 2);
+    let c = w.open(0, 2, Transport::Tcp);
+    w.login(c, "carol", 0);
+    let got = store.collect(&mut w, conn(c), 3);
+    assert_eq!(got[1].text(), Some("m0"));
+    // Carol ACKs m0 but not m1: one resend, then lost (still stored) ...
+    w.frame(c, &ack("carol", "alice", "fp0"));
+    store.wait_stored("carol", 1);
+    w.advance(Duration::from_secs(11));
+    assert_eq!(w.take(conn(c)).len(), 1, "the reference's single resend");
+    // ... and, carol being still online, read again and sent once more (m0 is not).
+    let again = store.collect(&mut w, conn(c), 1);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].text(), Some("m1"));
+    assert_eq!(w.shards[0].stats().redrained, 1);
+    // Lost again: it waits for the next login (no endless loop).
+    w.advance(Duration::from_secs(11));
+    assert_eq!(w.take(conn(c)).len(), 1, "the resend of the second attempt");
+    std::thread::sleep(Duration::from_millis(50));
+    store.deliver(&mut w);
+    assert!(w.take(conn(c)).is_empty());
+    assert_eq!(w.shards[0].stats().redrained, 1);
+    store.wait_stored("carol", 1);
+}
+
+#[test]
+fn a_full_store_queue_refuses_at_once_without_ack() {
+    use crate::store::{Appended, Expired, Removal, Store, StoreError, StoreStats, Stored};
+    /// A store whose appends wait for the test's go-ahead, to hold the writer busy.
+    struct Held(crossbeam_channel::Receiver<()>, Arc<dyn Store>);
+    impl Store for Held {
+        fn append(&self, batch: &[crate::store::Offline]) -> Result<Vec<Appended>, StoreError> {
+            let _ = self.0.recv_timeout(Duration::from_secs(10));
+            self.1.append(batch)
+        }
+        fn pending(&self, to: &str, a: u64, l: usize, n: i64) -> Result<Vec<Stored>, StoreError> {
+            self.1.pending(to, a, l, n)
+        }
+        fn remove(&self, removals: &[Removal]) -> Result<(), StoreError> {
+            self.1.remove(removals)
+        }
+        fn expire(&self, now_ms: i64, max: usize) -> Result<Expired, StoreError> {
+            self.1.expire(now_ms, max)
+        }
+        fn stats(&self) -> StoreStats {
+            self.1.stats()
+        }
+    }
+    let store = TestStore::new("full-queue");
+    let (go, held) = crossbeam_channel::unbounded();
+    let config = crate::store::group::GroupConfig {
+        queue_capacity: 1,
+        clock: || T0_EPOCH_MS,
+        ..Default::default()
+    };
+    let writer = Arc::new(
+        crate::store::group::GroupCommit::start_with(
+            Arc::new(Held(held, Arc::clone(&store.store))),
+            config,
+        )
+        .unwrap(),
+    );
+    let mut offline = store.offline.clone();
+    offline.writer = Arc::clone(&writer);
+    let mut w = World::new(1, Arc::new(Probe::default()));
+    w.shards = w
+        .shards
+        .drain(..)
+        .map(|shard| shard.with_store(offline.clone()))
+        .collect();
+    let a = w.open(0, 1, Transport::Tcp);
+    w.login(a, "alice", 0);
+    w.take(conn(a));
+    // m0 holds the writer, m1 fills the queue, m2 is refused at once.
+    w.frame(a, &data("alice", "carol", "m0", Some("fp0")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while writer.queued() > 0 {
+        assert!(Instant::now() < deadline, "the writer never took m0");
+        std::thread::yield_now();
+    }
+    w.frame(a, &data("alice", "carol", "m1", Some("fp1")));
+    w.frame(a, &data("alice", "carol", "m2", Some("fp2")));
+    assert_eq!(w.shards[0].stats().store_refused, 1);
+    assert_eq!(writer.stats().busy, 1);
+    assert!(
+        w.take(conn(a)).is_empty(),
+        "no ACK before a commit, none for m2"
+    );
+    go.send(()).unwrap();
+    go.send(()).unwrap();
+    // Only m0 and m1 are ACKed (substitute ACKs from carol), once stored.
+    let mut acked = Vec::new();
+    while acked.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "ACKs of the stored messages: {acked:?}"
+        );
+        store.deliver(&mut w);
+        acked.extend(
+            w.take(conn(a))
+                .into_iter()
+                .filter(|m| m.kind == Kind::Ack)
+                .map(|m| m.text().unwrap().to_owned()),
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(acked, ["fp0", "fp1"]);
+    store.wait_stored("carol", 2);
 }

@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{Appended, Offline, Removal, Store, StoreError};
+use super::{Appended, Offline, Removal, Store, StoreError, StoreStats};
 
 /// Requests the queue holds before [`GroupCommit::submit`] answers [`StoreError::Busy`]. At
 /// [`MAX_BATCH`] per commit that is 16 commits (tens of milliseconds of disk time) of backlog —
@@ -52,6 +52,9 @@ pub const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 /// batches of appends.
 pub const EXPIRE_CHUNK: usize = 512;
 
+/// Shutdown hand-overs ([`GroupCommit::hand_over`]) the lane holds: one per core is needed.
+const HAND_OVER_CAPACITY: usize = 1_024;
+
 /// The writer thread's name (visible in `top -H`, panics and profiles).
 const THREAD_NAME: &str = "imedge-store";
 
@@ -59,6 +62,31 @@ const THREAD_NAME: &str = "imedge-store";
 /// on the submitting thread, before `submit` returns, for [`StoreError::Busy`] and
 /// [`StoreError::Closed`]).
 pub type Done = Box<dyn FnOnce(Result<Appended, StoreError>) + Send + 'static>;
+
+/// Called once with the outcome of a [`GroupCommit::hand_over`] (on the writer thread, or at
+/// once if the lane refused it).
+pub type HandOverDone = Box<dyn FnOnce(Result<Vec<Appended>, StoreError>) + Send + 'static>;
+
+/// A request [`GroupCommit::try_submit`] could not queue, handed back untouched: the caller
+/// answers it on its own path (an event loop through its outbox) instead of `done` running on
+/// the loop's thread.
+pub struct Refused {
+    /// The message, not stored.
+    pub msg: Offline,
+    /// Its callback, not called.
+    pub done: Done,
+    /// [`StoreError::Busy`] (queue full) or [`StoreError::Closed`].
+    pub error: StoreError,
+}
+
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refused")
+            .field("to", &self.msg.to)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Sizes of the queue and of a batch, and the expiry sweep.
 #[derive(Debug, Clone, Copy)]
@@ -124,8 +152,19 @@ pub struct GroupStats {
 pub struct GroupCommit {
     /// `None` only while shutting down (dropping the sender is what stops the writer).
     queue: Option<Sender<Request>>,
+    /// Shutdown hand-overs: a lane of their own, so a full `queue` cannot refuse them.
+    lane: Option<Sender<HandOver>>,
     writer: Option<JoinHandle<()>>,
     counters: Arc<Counters>,
+    /// For [`Self::store_stats`] (lock-free counters): the cores read them through the writer
+    /// and hold no store handle of their own.
+    store: Arc<dyn Store>,
+}
+
+/// Shutdown leftovers of a core, stored in one transaction of their own.
+struct HandOver {
+    msgs: Vec<Offline>,
+    done: HandOverDone,
 }
 
 impl std::fmt::Debug for GroupCommit {
@@ -166,39 +205,74 @@ impl GroupCommit {
     /// Starts the writer thread.
     pub fn start_with(store: Arc<dyn Store>, config: GroupConfig) -> Result<Self, StoreError> {
         let (queue, requests) = crossbeam_channel::bounded(config.queue_capacity.max(1));
+        let (lane, hand_overs) = crossbeam_channel::bounded(HAND_OVER_CAPACITY);
         let counters = Arc::new(Counters::default());
         let writer = {
-            let counters = Arc::clone(&counters);
+            let (counters, store) = (Arc::clone(&counters), Arc::clone(&store));
             std::thread::Builder::new()
                 .name(THREAD_NAME.to_owned())
-                .spawn(move || write_loop(store.as_ref(), &requests, &config, &counters))
+                .spawn(move || {
+                    write_loop(store.as_ref(), &requests, &hand_overs, &config, &counters);
+                })
                 .map_err(StoreError::backend)?
         };
         Ok(Self {
             queue: Some(queue),
+            lane: Some(lane),
             writer: Some(writer),
             counters,
+            store,
         })
     }
 
-    /// Queues `msg` for the next commit; `done` gets its outcome. Never blocks: if the queue is
-    /// full, `done` is called at once with [`StoreError::Busy`].
-    pub fn submit(&self, msg: Offline, done: Done) {
+    /// Queues `msg` for the next commit; `done` gets its outcome on the writer thread. Never
+    /// blocks: if the queue is full (or the writer stopped) the request is handed back, `done`
+    /// not called.
+    pub fn try_submit(&self, msg: Offline, done: Done) -> Result<(), Box<Refused>> {
+        let refused = |msg, done, error| Err(Box::new(Refused { msg, done, error }));
         let Some(queue) = &self.queue else {
+            return refused(msg, done, StoreError::Closed);
+        };
+        match queue.try_send(Request::Append { msg, done }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(Request::Append { msg, done })) => {
+                self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                refused(msg, done, StoreError::Busy)
+            }
+            Err(TrySendError::Disconnected(Request::Append { msg, done })) => {
+                refused(msg, done, StoreError::Closed)
+            }
+            Err(_) => unreachable!("an append comes back as an append"),
+        }
+    }
+
+    /// Queues `msg` for the next commit; `done` gets its outcome. Never blocks: if the queue is
+    /// full, `done` is called at once with [`StoreError::Busy`], on the caller's thread (an
+    /// event loop uses [`Self::try_submit`] instead).
+    pub fn submit(&self, msg: Offline, done: Done) {
+        if let Err(refused) = self.try_submit(msg, done) {
+            (refused.done)(Err(refused.error));
+        }
+    }
+
+    /// Stores `msgs` — a core's leftovers at shutdown — in one transaction, on a lane of its own
+    /// that a full append queue does not refuse; `done` gets the outcome on the writer thread.
+    /// Never blocks: if even the lane is full or the writer stopped, `done` gets the error now.
+    pub fn hand_over(&self, msgs: Vec<Offline>, done: HandOverDone) {
+        let Some(lane) = &self.lane else {
             done(Err(StoreError::Closed));
             return;
         };
-        match queue.try_send(Request::Append { msg, done }) {
+        match lane.try_send(HandOver { msgs, done }) {
             Ok(()) => {}
-            Err(TrySendError::Full(Request::Append { done, .. })) => {
-                self.counters.busy.fetch_add(1, Ordering::Relaxed);
-                done(Err(StoreError::Busy));
-            }
-            Err(TrySendError::Disconnected(Request::Append { done, .. })) => {
-                done(Err(StoreError::Closed));
-            }
-            Err(_) => {}
+            Err(TrySendError::Full(h)) => (h.done)(Err(StoreError::Busy)),
+            Err(TrySendError::Disconnected(h)) => (h.done)(Err(StoreError::Closed)),
         }
+    }
+
+    /// The store's own counters (lock-free; no disk access).
+    pub fn store_stats(&self) -> StoreStats {
+        self.store.stats()
     }
 
     /// Queues the removal of delivered messages of `to`. Removals of one batch are committed
@@ -246,9 +320,10 @@ impl GroupCommit {
     }
 
     fn stop(&mut self) {
-        // Dropping the only sender disconnects the queue once it is empty: the writer drains it
-        // and returns.
+        // Dropping the only senders disconnects the queues once they are empty: the writer drains
+        // them and returns.
         self.queue = None;
+        self.lane = None;
         if let Some(writer) = self.writer.take() {
             // Dropped by one of its own callbacks: the writer finishes the queue and exits by
             // itself; joining it from itself would deadlock.
@@ -271,24 +346,57 @@ impl Drop for GroupCommit {
 /// The writer thread: batch, append once, answer each request; remove what was delivered (one
 /// transaction per turn); sweep expired messages every [`GroupConfig::expire_every`]; until the
 /// queue is disconnected and empty.
-fn write_loop(store: &dyn Store, requests: &Receiver<Request>, config: &GroupConfig, c: &Counters) {
+fn write_loop(
+    store: &dyn Store,
+    requests: &Receiver<Request>,
+    hand_overs: &Receiver<HandOver>,
+    config: &GroupConfig,
+    c: &Counters,
+) {
     let max_batch = config.max_batch.max(1);
     let mut msgs = Vec::with_capacity(max_batch);
     let mut dones = Vec::with_capacity(max_batch);
     let mut removals: Vec<Removal> = Vec::new();
-    let mut next_sweep = Instant::now() + config.expire_every;
+    // Never zero: an idle writer must wait for something.
+    let every = config.expire_every.max(Duration::from_millis(1));
+    let mut next_sweep = Instant::now() + every;
     // The last sweep stopped at its chunk: the next one runs at the next turn.
     let mut sweep_more = false;
+    // Until shutdown: hand-overs are taken beside the appends.
+    let mut lane_open = true;
     loop {
         let wait = if sweep_more {
             Duration::ZERO
         } else {
             next_sweep.saturating_duration_since(Instant::now())
         };
-        let first = match requests.recv_timeout(wait) {
-            Ok(first) => Some(first),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        let first = if lane_open {
+            crossbeam_channel::select! {
+                recv(hand_overs) -> h => {
+                    match h {
+                        Ok(h) => hand_over(store, h, c),
+                        // Shutting down and the lane is empty: appends still queued go on below.
+                        Err(_) => lane_open = false,
+                    }
+                    continue;
+                }
+                recv(requests) -> r => match r {
+                    Ok(first) => Some(first),
+                    Err(_) => {
+                        while let Ok(h) = hand_overs.try_recv() {
+                            hand_over(store, h, c);
+                        }
+                        return;
+                    }
+                },
+                default(wait) => None,
+            }
+        } else {
+            match requests.recv_timeout(wait) {
+                Ok(first) => Some(first),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
         };
         if sweep_more || Instant::now() >= next_sweep {
             c.sweeps.fetch_add(1, Ordering::Relaxed);
@@ -300,7 +408,7 @@ fn write_loop(store: &dyn Store, requests: &Receiver<Request>, config: &GroupCon
                 tracing::warn!("offline store: the expiry sweep failed");
             }
             if !sweep_more {
-                next_sweep = Instant::now() + config.expire_every;
+                next_sweep = Instant::now() + every;
             }
         }
         let mut taken = 0;
@@ -373,6 +481,23 @@ fn write_loop(store: &dyn Store, requests: &Receiver<Request>, config: &GroupCon
                 tracing::error!("offline store callback panicked");
             }
         }
+    }
+}
+
+/// Stores one core's shutdown leftovers in their own transaction and answers.
+fn hand_over(store: &dyn Store, h: HandOver, c: &Counters) {
+    let result = catch_unwind(AssertUnwindSafe(|| store.append(&h.msgs))).unwrap_or_else(|_| {
+        Err(StoreError::backend(std::io::Error::other(
+            "offline store panicked while appending",
+        )))
+    });
+    if let Err(error) = &result {
+        tracing::error!(%error, messages = h.msgs.len(), "offline hand-over failed");
+    }
+    let done = h.done;
+    if catch_unwind(AssertUnwindSafe(|| done(result))).is_err() {
+        c.callback_panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("offline store callback panicked");
     }
 }
 
@@ -677,6 +802,75 @@ mod tests {
         assert_eq!(store.stats().removed, 60);
         // The blocker's append, then ONE transaction for all 30 users' removals.
         assert_eq!(store.stats().commits, commits + 2);
+    }
+
+    #[test]
+    fn try_submit_hands_a_refused_request_back_and_hand_over_has_its_own_lane() {
+        let (gate, appends) = Gate::new(false);
+        let config = GroupConfig {
+            queue_capacity: 1,
+            ..GroupConfig::default()
+        };
+        let group = GroupCommit::start_with(gate.clone(), config).unwrap();
+        let (tx, rx): (_, Outcomes) = crossbeam_channel::unbounded();
+        submit_n(&group, 0, &tx);
+        // The writer holds message 0 in the gate; message 1 fills the queue.
+        assert_eq!(appends.recv_timeout(WAIT).unwrap(), 1);
+        submit_n(&group, 1, &tx);
+        let refused = group
+            .try_submit(
+                msg("u", "s", 2, 0),
+                Box::new(|_| panic!("must not be called")),
+            )
+            .unwrap_err();
+        assert!(matches!(refused.error, StoreError::Busy), "{refused:?}");
+        assert_eq!(
+            n_of(&refused.msg.json),
+            2,
+            "the request comes back untouched"
+        );
+        assert_eq!(group.stats().busy, 1);
+        // The append queue is full; the hand-over lane is not.
+        let (htx, hrx) = crossbeam_channel::unbounded();
+        group.hand_over(
+            vec![msg("u", "s", 3, 0), msg("u", "s", 4, 0)],
+            Box::new(move |r| htx.send(r).unwrap()),
+        );
+        assert!(hrx.try_recv().is_err(), "queued, not refused");
+        gate.open();
+        assert_eq!(hrx.recv_timeout(WAIT).unwrap().unwrap().len(), 2);
+        for _ in 0..2 {
+            assert!(rx.recv_timeout(WAIT).unwrap().1.is_ok());
+        }
+        group.shutdown();
+    }
+
+    #[test]
+    fn shutdown_stores_hand_overs_and_queued_appends() {
+        let dir = TempDir::new("hand-over-shutdown");
+        let store = Arc::new(RedbStore::open(dir.path(), Limits::default()).unwrap());
+        let group = GroupCommit::start(store.clone()).unwrap();
+        let (tx, rx): (_, Outcomes) = crossbeam_channel::unbounded();
+        for n in 0..100 {
+            submit_n(&group, n, &tx);
+        }
+        let (htx, hrx) = crossbeam_channel::unbounded();
+        for core in 0..2u64 {
+            let htx = htx.clone();
+            group.hand_over(
+                (0..10).map(|i| msg("v", "s", core * 10 + i, 0)).collect(),
+                Box::new(move |r| htx.send(r).unwrap()),
+            );
+        }
+        group.shutdown();
+        assert_eq!(
+            hrx.try_iter().count(),
+            2,
+            "every hand-over answered before shutdown returns"
+        );
+        assert_eq!(rx.try_iter().count(), 100);
+        assert_eq!(store.pending("u", 0, usize::MAX, 0).unwrap().len(), 100);
+        assert_eq!(store.pending("v", 0, usize::MAX, 0).unwrap().len(), 20);
     }
 
     #[test]

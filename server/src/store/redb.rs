@@ -147,6 +147,13 @@ impl RedbStore {
         Ok(store)
     }
 
+    /// Whether `err` from [`RedbStore::open`] says another process has the file open — after a
+    /// `kill -9`, the killed run until the kernel has finished tearing it down.
+    pub fn is_locked(err: &StoreError) -> bool {
+        matches!(err, StoreError::Backend(e)
+            if matches!(e.downcast_ref::<::redb::Error>(), Some(::redb::Error::DatabaseAlreadyOpen)))
+    }
+
     /// Counts what is stored (one pass over the messages).
     fn scan(&self) -> Result<Held, StoreError> {
         let mut held = Held::default();
