@@ -200,3 +200,78 @@ fn notifications_run_on_the_pool_and_their_requests_reach_the_user() {
     assert_eq!(stats.hook_calls, 6);
     assert_eq!(stats.hook_dropped, 0);
 }
+
+/// C2S hooks: a message with text `slow` waits for the gate; `drop` is refused by
+/// `on_c2s_before`; everything else is accepted at once.
+struct C2sGate {
+    entered: Mutex<mpsc::Sender<()>>,
+    open: Mutex<mpsc::Receiver<()>>,
+    seen: Mutex<Vec<String>>,
+}
+
+impl ServerEvents for C2sGate {
+    fn interests(&self) -> Interests {
+        Interests::C2S
+    }
+
+    fn on_c2s_before(&self, msg: &Message<'_>, _session: SessionInfo<'_>) -> bool {
+        match msg.text() {
+            Some("slow") => {
+                let _ = self.entered.lock().unwrap().send(());
+                self.open.lock().unwrap().recv_timeout(GATE_LIMIT).is_ok()
+            }
+            Some("drop") => false,
+            _ => true,
+        }
+    }
+
+    fn on_c2s(
+        &self,
+        msg: &Message<'_>,
+        _session: SessionInfo<'_>,
+        _api: &mut imedge_server::hooks::Api,
+    ) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push(msg.text().unwrap_or_default().to_owned());
+    }
+}
+
+#[test]
+fn a_c2s_message_is_acked_once_its_blocked_hook_accepts_it_and_the_core_goes_on() {
+    let (entered_tx, entered) = mpsc::channel();
+    let (open, open_rx) = mpsc::channel();
+    let hooks = Arc::new(C2sGate {
+        entered: Mutex::new(entered_tx),
+        open: Mutex::new(open_rx),
+        seen: Mutex::new(Vec::new()),
+    });
+    let mut config = config(1);
+    config.hook_threads = 2;
+    let server = Server::with(config, Arc::clone(&hooks) as Arc<dyn ServerEvents>);
+    // One core: Bob's session shares it with Alice's held message.
+    let mut alice = server.connect(T::Tcp);
+    alice.login("alice");
+    let mut bob = server.connect(T::Udp);
+    bob.login("bob");
+
+    alice.send(&data("alice", "0", "slow", Some("fp-slow")));
+    entered.recv_timeout(GATE_LIMIT).unwrap();
+    for _ in 0..20 {
+        bob.send(&Message::keep_alive(UserId::new("bob")));
+        bob.expect(Kind::KeepAliveResponse);
+    }
+    // No ACK while the hook holds the message.
+    alice.expect_quiet();
+    open.send(()).unwrap();
+    let ack = alice.expect(Kind::Ack);
+    assert_eq!(ack.text(), Some("fp-slow"));
+
+    // Refused by on_c2s_before: no ACK, the application never sees it.
+    alice.send(&data("alice", "0", "drop", Some("fp-drop")));
+    alice.send(&data("alice", "0", "after", Some("fp-after")));
+    let ack = alice.expect(Kind::Ack);
+    assert_eq!(ack.text(), Some("fp-after"));
+    assert_eq!(*hooks.seen.lock().unwrap(), vec!["slow", "after"]);
+}
