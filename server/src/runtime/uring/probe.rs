@@ -23,12 +23,34 @@ use super::{CQ_ENTRIES, IO_URING_DISABLED, SQ_ENTRIES, TCP_GROUP};
 /// # Errors
 /// Why io_uring cannot be used (the message says what to change).
 pub fn probe() -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("imedge-io-probe".to_owned())
-        .spawn(probe_here)?
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the io_uring probe panicked")))
+    // ENOMEM is transient when many rings are being created and torn down at once (several
+    // servers starting in parallel, a killed run's rings still being freed): the kernel needs
+    // contiguous pages for a ring. Try again a few times, bounded, before calling it unavailable.
+    let mut attempt = 0;
+    loop {
+        let result = std::thread::Builder::new()
+            .name("imedge-io-probe".to_owned())
+            .spawn(probe_here)?
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the io_uring probe panicked")));
+        match result {
+            Err(error)
+                if error.kind() == io::ErrorKind::OutOfMemory && attempt < ENOMEM_RETRIES =>
+            {
+                attempt += 1;
+                tracing::debug!(attempt, %error, "io_uring probe: retrying");
+                std::thread::sleep(ENOMEM_BACKOFF * attempt);
+            }
+            result => return result,
+        }
+    }
 }
+
+/// How many times the probe tries again after ENOMEM, waiting [`ENOMEM_BACKOFF`] × the attempt
+/// number: 50 + 100 + … + 250 ms = 750 ms at most.
+const ENOMEM_RETRIES: u32 = 5;
+/// See [`ENOMEM_RETRIES`].
+const ENOMEM_BACKOFF: Duration = Duration::from_millis(50);
 
 pub(super) fn probe_here() -> io::Result<()> {
     let disabled = std::fs::read_to_string(IO_URING_DISABLED)
@@ -132,13 +154,26 @@ pub(super) fn explain(error: &io::Error, disabled: u8) -> io::Error {
 
 /// A ring as every core's loop uses it: one submitter thread, completions produced only when
 /// that thread waits, and every SQE of a submission attempted even if one fails.
+/// ENOMEM is tried again as in [`probe`].
 pub(super) fn build_ring() -> io::Result<IoUring> {
-    IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_submit_all()
-        .setup_cqsize(CQ_ENTRIES)
-        .build(SQ_ENTRIES)
+    let mut attempt = 0;
+    loop {
+        let result = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_submit_all()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES);
+        match result {
+            Err(error)
+                if error.raw_os_error() == Some(libc::ENOMEM) && attempt < ENOMEM_RETRIES =>
+            {
+                attempt += 1;
+                std::thread::sleep(ENOMEM_BACKOFF * attempt);
+            }
+            result => return result,
+        }
+    }
 }
 
 #[cfg(test)]
